@@ -1,0 +1,113 @@
+"""Messages between the core and its workers (attrs classes, converted with cattrs).
+
+Bulk per-entity data travels as plain lists, not attrs objects, so that one
+message costs one cattrs call however many entities it carries:
+
+- record: ``[id, kind, x, y, z, state]`` with ``state`` the kind's field values in order
+- acquire / border item: ``[record, ghost_targets]``
+- event: ``[target, sender, seq, name, data]``
+- spawn: ``[parent, seq, kind, x, y, z, state]``
+- error: ``[entity_id, text]``
+"""
+
+from __future__ import annotations
+
+from typing import Any, NewType
+
+import attrs
+
+Bulk = NewType("Bulk", list)
+"""A list of per-entity items that cattrs passes through untouched."""
+
+
+@attrs.frozen
+class WorldParams:
+    size: float
+    seed: int
+    dt: float
+    halo: float
+
+
+@attrs.define
+class Hello:
+    """Worker -> core, first frame: proves the worker was started by this core."""
+
+    worker: int
+    epoch: int
+    token: str
+    pid: int
+
+
+@attrs.define
+class Init:
+    """Core -> worker: what world to simulate and which plugins to load."""
+
+    world: WorldParams
+    plugins: list[str]
+    plugin_dirs: list[str]
+    settings: dict[str, dict[str, Any]]
+
+
+@attrs.define
+class Ready:
+    """Worker -> core: plugins loaded, ready to step."""
+
+    worker: int
+
+
+@attrs.define
+class Step:
+    """Core -> worker: simulate tick ``tick``.
+
+    Applied in this order: new layout, ghost removals, ghost upserts,
+    releases, acquisitions, then events are delivered during the tick.
+    With ``checkpoint`` the reply carries every entity changed since the last
+    checkpoint, so the core then holds the whole world at ``tick``.
+    """
+
+    tick: int
+    epoch: int
+    layout: dict[str, int] | None = None
+    ghost_remove: Bulk = attrs.field(factory=list)
+    ghost_upsert: Bulk = attrs.field(factory=list)
+    release: Bulk = attrs.field(factory=list)
+    acquire: Bulk = attrs.field(factory=list)
+    events: Bulk = attrs.field(factory=list)
+    checkpoint: bool = False
+
+
+@attrs.define
+class Reply:
+    """Worker -> core: the outcome of one ``Step``.
+
+    ``border`` holds changed entities that some other worker must see as a
+    ghost (or no longer see); ``handoff`` the entities that left this
+    worker's partitions; ``dirty`` (checkpoints only) every other entity
+    changed since the last checkpoint. ``counts`` and ``cost_ms`` are per
+    partition.
+    """
+
+    tick: int
+    worker: int
+    epoch: int
+    border: Bulk = attrs.field(factory=list)
+    handoff: Bulk = attrs.field(factory=list)
+    despawn: Bulk = attrs.field(factory=list)
+    spawns: Bulk = attrs.field(factory=list)
+    events: Bulk = attrs.field(factory=list)
+    dirty: Bulk = attrs.field(factory=list)
+    released: Bulk = attrs.field(factory=list)
+    errors: Bulk = attrs.field(factory=list)
+    counts: dict[str, int] = attrs.field(factory=dict)
+    cost_ms: dict[str, float] = attrs.field(factory=dict)
+    cpu_ms: float = 0.0
+
+
+@attrs.define
+class Fatal:
+    """Either side: an unrecoverable error, sent before closing the link."""
+
+    message: str
+
+
+WORKER_MESSAGES: tuple[type, ...] = (Hello, Init, Ready, Step, Reply, Fatal)

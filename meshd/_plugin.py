@@ -1,0 +1,215 @@
+"""Plugin API v1 and plugin discovery.
+
+A plugin is a module exposing ``plugin = meshd.Plugin(...)``. It declares
+entity kinds (frozen attrs state classes plus per-kind systems, speed and
+interaction radius), event handlers, and a world-creation hook. Plugins are
+named in ``meshd.toml`` and found in the plugin folders or through the
+``meshd.plugins`` entry-point group.
+
+The core and every worker load the same plugins into a :class:`PluginSet`,
+which flattens them into the tables the hot path uses: a tuple of systems per
+kind and one handler per event name, so a tick is plain function calls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import operator
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import cattrs
+
+if TYPE_CHECKING:
+    from meshd._sim import Context, Entity, Event, WorldBuilder
+
+System = Callable[["Entity", "Context"], None]
+EventHandler = Callable[["Entity", "Event", "Context"], None]
+WorldHook = Callable[["WorldBuilder"], None]
+
+ENTRY_POINT_GROUP = "meshd.plugins"
+
+
+class PluginError(Exception):
+    """A plugin could not be found, loaded or validated."""
+
+
+@attrs.frozen
+class Kind:
+    """An entity kind.
+
+    ``state`` is a frozen attrs class whose fields are plain CBOR values
+    (int, float, str, bool, None, lists of those). ``max_speed`` is in metres
+    per simulated second, ``radius`` the farthest (in metres) a system of this
+    kind looks from the entity's position; together they set the minimum halo.
+    """
+
+    state: type
+    systems: tuple[System, ...] = ()
+    max_speed: float = 0.0
+    radius: float = 0.0
+
+
+@attrs.frozen
+class Plugin:
+    """What a plugin module exports as ``plugin``."""
+
+    name: str
+    kinds: Mapping[str, Kind] = attrs.field(factory=dict)
+    events: Mapping[str, EventHandler] = attrs.field(factory=dict)
+    create_world: WorldHook | None = None
+    settings: type | None = None
+
+
+@attrs.frozen
+class KindCodec:
+    """Converts one kind's state between its attrs class, a wire tuple and a dict."""
+
+    cls: type
+    fields: tuple[str, ...]
+    _getter: Callable[[Any], Any]
+
+    @classmethod
+    def for_class(cls, state_cls: type) -> KindCodec:
+        names = tuple(field.name for field in attrs.fields(state_cls))
+        if not names:
+            return cls(state_cls, names, lambda _state: ())
+        if len(names) == 1:
+            single = operator.attrgetter(names[0])
+            return cls(state_cls, names, lambda state: (single(state),))
+        return cls(state_cls, names, operator.attrgetter(*names))
+
+    def to_wire(self, state: Any) -> tuple[Any, ...]:
+        return self._getter(state)
+
+    def from_wire(self, values: Sequence[Any]) -> Any:
+        return self.cls(*values)
+
+    def to_dict(self, values: Sequence[Any]) -> dict[str, Any]:
+        return dict(zip(self.fields, values, strict=True))
+
+    def from_dict(self, data: Mapping[str, Any], converter: cattrs.Converter) -> tuple[Any, ...]:
+        """Validate stored or user data (missing fields take their defaults)."""
+        return self.to_wire(converter.structure(dict(data), self.cls))
+
+
+def _check_frozen(kind_name: str, cls: type) -> None:
+    if not attrs.has(cls):
+        raise PluginError(f"kind {kind_name!r}: state must be an attrs class, got {cls!r}")
+    if cls.__setattr__ is object.__setattr__:
+        raise PluginError(
+            f"kind {kind_name!r}: state class {cls.__name__} must be frozen (@attrs.frozen): "
+            "systems read the previous tick's state while writing the next"
+        )
+
+
+@attrs.define(eq=False)
+class PluginSet:
+    """All loaded plugins, flattened for the hot path."""
+
+    plugins: list[Plugin]
+    settings: dict[str, Any]
+    kinds: dict[str, Kind] = attrs.field(init=False)
+    codecs: dict[str, KindCodec] = attrs.field(init=False)
+    systems: dict[str, tuple[System, ...]] = attrs.field(init=False)
+    handlers: dict[str, EventHandler] = attrs.field(init=False)
+    kind_settings: dict[str, Any] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.kinds, self.handlers, self.kind_settings = {}, {}, {}
+        for plugin in self.plugins:
+            for name, kind in plugin.kinds.items():
+                if name in self.kinds:
+                    raise PluginError(f"kind {name!r} is defined by two plugins")
+                _check_frozen(name, kind.state)
+                self.kinds[name] = kind
+                self.kind_settings[name] = self.settings.get(plugin.name)
+            for event, handler in plugin.events.items():
+                if event in self.handlers:
+                    raise PluginError(f"event {event!r} is handled by two plugins")
+                self.handlers[event] = handler
+        self.codecs = {name: KindCodec.for_class(kind.state) for name, kind in self.kinds.items()}
+        self.systems = {name: tuple(kind.systems) for name, kind in self.kinds.items()}
+
+    def required_halo(self, dt: float) -> tuple[float, str | None]:
+        """The smallest halo that covers every kind's reach, and the kind needing it."""
+        best, which = 0.0, None
+        for name, kind in self.kinds.items():
+            reach = kind.radius + kind.max_speed * dt
+            if reach > best:
+                best, which = reach, name
+        return best, which
+
+    def reach(self, kind: str, dt: float) -> float:
+        spec = self.kinds[kind]
+        return spec.radius + spec.max_speed * dt
+
+    def schema(self) -> dict[str, tuple[str, ...]]:
+        return {name: codec.fields for name, codec in self.codecs.items()}
+
+
+def _load_module_file(path: Path) -> Any:
+    module_name = f"meshd_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"cannot load plugin file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise PluginError(f"plugin file {path} failed to import: {exc!r}") from exc
+    return module
+
+
+def find_plugin(name: str, dirs: Sequence[Path]) -> Plugin:
+    """Find plugin ``name`` in the plugin folders, then in the entry-point group."""
+    for folder in dirs:
+        candidate = folder / f"{name}.py"
+        if candidate.is_file():
+            found = getattr(_load_module_file(candidate), "plugin", None)
+            break
+    else:
+        matches = entry_points(group=ENTRY_POINT_GROUP, name=name)
+        if not matches:
+            searched = ", ".join(str(d) for d in dirs) or "no folders"
+            raise PluginError(
+                f"plugin {name!r} not found in {searched} "
+                f"nor in the {ENTRY_POINT_GROUP!r} entry-point group"
+            )
+        loaded = next(iter(matches)).load()
+        found = getattr(loaded, "plugin", loaded)
+    if not isinstance(found, Plugin):
+        raise PluginError(f"plugin {name!r} does not expose a meshd.Plugin named 'plugin'")
+    return found
+
+
+def load_plugins(
+    names: Sequence[str],
+    dirs: Sequence[Path],
+    raw_settings: Mapping[str, Mapping[str, Any]],
+    converter: cattrs.Converter,
+) -> PluginSet:
+    """Load and validate the named plugins and their ``[plugins.NAME]`` settings."""
+    plugins = [find_plugin(name, dirs) for name in names]
+    settings: dict[str, Any] = {}
+    for plugin in plugins:
+        raw = dict(raw_settings.get(plugin.name, {}))
+        if plugin.settings is None:
+            if raw:
+                raise PluginError(f"plugin {plugin.name!r} takes no settings, got {sorted(raw)}")
+            continue
+        try:
+            settings[plugin.name] = converter.structure(raw, plugin.settings)
+        except Exception as exc:
+            details = "; ".join(cattrs.transform_error(exc, path=f"plugins.{plugin.name}"))
+            raise PluginError(f"bad settings for plugin {plugin.name!r}: {details}") from exc
+    unknown = set(raw_settings) - {plugin.name for plugin in plugins}
+    if unknown:
+        raise PluginError(f"settings given for plugins that are not loaded: {sorted(unknown)}")
+    return PluginSet(plugins, settings)

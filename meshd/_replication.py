@@ -1,0 +1,226 @@
+"""The replication layer: the authoritative world, ownership and ghosts (sans-io).
+
+:class:`Replication` is the core's state machine. :meth:`build_steps` turns
+what the last commit decided into one ``Step`` per worker; :meth:`commit`
+folds all workers' ``Reply`` messages for the tick into the world. It never
+waits on anything, so it is tested in-process with :class:`~meshd._sim.WorkerSim`
+objects standing in for the worker processes.
+
+What the core knows, and when:
+
+- ownership (which worker owns which entity) and ghost targets: always exact;
+- full entity records: exact at checkpoint ticks (``S(T)`` as a whole), and
+  between checkpoints for the entities that crossed a worker boundary or are
+  ghosts somewhere; other entities are reported at the next checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import attrs
+
+from meshd._layout import Layout
+from meshd._messages import Reply, Step, WorldParams
+from meshd._plugin import PluginSet
+from meshd._snapshot import Delta, Row, WorldSnapshot, to_row, world_hash
+
+
+@attrs.define
+class Outbox:
+    """What the next ``Step`` of one worker will carry."""
+
+    ghost_remove: list[int] = attrs.field(factory=list)
+    ghost_upsert: list[list[Any]] = attrs.field(factory=list)
+    release: list[int] = attrs.field(factory=list)
+    acquire: list[list[Any]] = attrs.field(factory=list)
+    events: list[list[Any]] = attrs.field(factory=list)
+
+
+@attrs.define
+class CommitReport:
+    """What a commit noticed that the shell should log or count."""
+
+    errors: list[tuple[int, int, str]] = attrs.field(factory=list)
+    dropped_events: int = 0
+    handoffs: int = 0
+    spawned: int = 0
+    despawned: int = 0
+
+
+class Replication:
+    """The authoritative world state ``S(T)`` and the routing between workers."""
+
+    def __init__(
+        self,
+        plugins: PluginSet,
+        world: WorldParams,
+        layout: Layout,
+        snapshot: WorldSnapshot,
+    ) -> None:
+        self.plugins = plugins
+        self.world = world
+        self.layout = layout
+        self.tick = snapshot.tick
+        self.next_id = snapshot.next_id
+        self.records: dict[int, list[Any]] = {record[0]: record for record in snapshot.records}
+        self.owner: dict[int, int] = {}
+        self.targets: dict[int, tuple[int, ...]] = {}
+        self.outboxes: dict[int, Outbox] = {w: Outbox() for w in layout.workers}
+        self.layout_pending: set[int] = set(layout.workers)
+        self.pending_events: list[list[Any]] = []
+        self.dirty: set[int] = set()
+        self.deleted: set[int] = set()
+        self.counts: dict[str, int] = {}
+        self.cost_ms: dict[str, float] = {}
+        self.worker_cpu_ms: dict[int, float] = {}
+        self.errors_total = 0
+        self.checkpoint_tick = snapshot.tick
+        for record in sorted(self.records.values()):
+            self._place(record)
+        self._route_events(snapshot.events)
+
+    # -- building steps -------------------------------------------------
+
+    def build_steps(self, tick: int, checkpoint: bool) -> dict[int, Step]:
+        """One ``Step(tick)`` per worker, emptying the outboxes."""
+        if tick != self.tick + 1:
+            raise ValueError(f"tick {tick} does not follow committed tick {self.tick}")
+        steps = {}
+        for worker in self.layout.workers:
+            box = self.outboxes[worker]
+            steps[worker] = Step(
+                tick=tick,
+                epoch=0,
+                layout=self.layout.to_wire() if worker in self.layout_pending else None,
+                ghost_remove=box.ghost_remove,  # type: ignore[arg-type]
+                ghost_upsert=box.ghost_upsert,  # type: ignore[arg-type]
+                release=box.release,  # type: ignore[arg-type]
+                acquire=box.acquire,  # type: ignore[arg-type]
+                events=box.events,  # type: ignore[arg-type]
+                checkpoint=checkpoint,
+            )
+            self.outboxes[worker] = Outbox()
+        self.layout_pending.clear()
+        return steps
+
+    # -- committing replies ---------------------------------------------
+
+    def commit(self, tick: int, replies: Sequence[Reply], checkpoint: bool) -> CommitReport:
+        """Fold every worker's reply for ``tick`` into the world; ``S(tick)`` results."""
+        if tick != self.tick + 1:
+            raise ValueError(f"tick {tick} does not follow committed tick {self.tick}")
+        report = CommitReport()
+        spawns: list[list[Any]] = []
+        events: list[list[Any]] = []
+        for reply in sorted(replies, key=lambda r: r.worker):
+            for entity_id in reply.despawn:
+                self._remove(entity_id)
+                report.despawned += 1
+            for record, new_targets in reply.border:
+                self.records[record[0]] = record
+                self.dirty.add(record[0])
+                self._retarget(record, tuple(new_targets))
+            for record in reply.handoff:
+                self.records[record[0]] = record
+                self.dirty.add(record[0])
+                self._place(record)
+                report.handoffs += 1
+            for record in reply.dirty:
+                self.records[record[0]] = record
+                self.dirty.add(record[0])
+            for entity_id, text in reply.errors:
+                report.errors.append((reply.worker, entity_id, text))
+            spawns.extend(reply.spawns)
+            events.extend(reply.events)
+            self.counts.update(reply.counts)
+            self.cost_ms.update(reply.cost_ms)
+            self.worker_cpu_ms[reply.worker] = reply.cpu_ms
+        spawns.sort(key=lambda spawn: (spawn[0], spawn[1]))
+        for _parent, _seq, kind, x, y, z, state in spawns:
+            record = [self.next_id, kind, x, y, z, state]
+            self.next_id += 1
+            self.records[record[0]] = record
+            self.dirty.add(record[0])
+            self._place(record)
+        report.spawned = len(spawns)
+        report.dropped_events = self._route_events(events)
+        self.errors_total += len(report.errors)
+        self.tick = tick
+        if checkpoint:
+            self.checkpoint_tick = tick
+        return report
+
+    def _place(self, record: list[Any]) -> None:
+        """Give an entity to the owner of its position, with its ghosts."""
+        entity_id, _kind, x, y = record[0], record[1], record[2], record[3]
+        owner = self.layout.owner_of(x, y)
+        self.owner[entity_id] = owner
+        new_targets = self.layout.ghost_targets(x, y, owner)
+        self.outboxes[owner].acquire.append([record, list(new_targets)])
+        self._retarget(record, new_targets)
+
+    def _retarget(self, record: list[Any], new_targets: tuple[int, ...]) -> None:
+        entity_id = record[0]
+        old_targets = self.targets.get(entity_id, ())
+        for worker in old_targets:
+            if worker not in new_targets:
+                self.outboxes[worker].ghost_remove.append(entity_id)
+        for worker in new_targets:
+            self.outboxes[worker].ghost_upsert.append(record)
+        if new_targets:
+            self.targets[entity_id] = new_targets
+        else:
+            self.targets.pop(entity_id, None)
+
+    def _remove(self, entity_id: int) -> None:
+        del self.records[entity_id]
+        del self.owner[entity_id]
+        for worker in self.targets.pop(entity_id, ()):
+            self.outboxes[worker].ghost_remove.append(entity_id)
+        self.dirty.discard(entity_id)
+        self.deleted.add(entity_id)
+
+    def _route_events(self, events: Iterable[list[Any]]) -> int:
+        """Queue events for their targets' owners; return how many had no target."""
+        self.pending_events = []
+        dropped = 0
+        for event in events:
+            owner = self.owner.get(event[0])
+            if owner is None:
+                dropped += 1
+                continue
+            self.outboxes[owner].events.append(event)
+            self.pending_events.append(event)
+        return dropped
+
+    # -- persistence and inspection -------------------------------------
+
+    def take_delta(self) -> Delta:
+        """The changes since the last delta, as of the last (checkpoint) commit."""
+        if self.checkpoint_tick != self.tick:
+            raise RuntimeError("a delta can only be taken right after a checkpoint commit")
+        delta = Delta(
+            tick=self.tick,
+            seed=self.world.seed,
+            next_id=self.next_id,
+            events=list(self.pending_events),
+            upserts=[self.records[i] for i in self.dirty],
+            deletes=sorted(self.deleted),
+        )
+        self.dirty = set()
+        self.deleted = set()
+        return delta
+
+    def rows(self) -> Iterator[Row]:
+        schema = self.plugins.schema()
+        for entity_id in sorted(self.records):
+            yield to_row(self.records[entity_id], schema)
+
+    def hash(self) -> str:
+        """The world hash as of the last checkpoint (exact only at a checkpoint tick)."""
+        return world_hash(self.rows(), self.next_id, self.pending_events)
+
+    def entities_of(self, worker: int) -> int:
+        return sum(1 for owner in self.owner.values() if owner == worker)

@@ -1,0 +1,488 @@
+"""The simulation step: what plugins see, and what a worker does with one ``Step``.
+
+Pure code, no I/O. :class:`WorkerSim` is the state machine a worker process
+wraps: ``Step`` in, ``Reply`` out. Its guarantees, which make the world
+independent of how it is partitioned (Invariant D):
+
+- systems read only the previous tick: other entities are seen as :class:`View`
+  snapshots taken before anything moves, ghosts are the previous tick's state;
+- an entity's next state depends only on its previous state, its neighbours
+  within its declared reach, the events sent to it (delivered sorted by
+  sender then sequence) and ``ctx.rng`` seeded by (world seed, tick, id);
+- outputs (events, spawns) are keyed by their source entity, so the core can
+  order them without caring which worker produced them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from meshd._layout import Layout, clamp
+from meshd._messages import Reply, Step, WorldParams
+from meshd._plugin import EventHandler, PluginSet, System
+
+_MASK64 = (1 << 64) - 1
+
+
+class ReachError(Exception):
+    """A system looked farther than its kind declared (the halo would not cover it)."""
+
+
+class TickRng(random.Random):
+    """``random.Random`` driven by splitmix64.
+
+    Seeding a Mersenne Twister costs several microseconds, too much to do
+    for every entity on every tick; splitmix64 seeds in one assignment and
+    keeps the whole ``random.Random`` API (uniform, choice, gauss, ...).
+    """
+
+    _state: int
+
+    def seed(self, a: Any = None, version: int = 2) -> None:  # noqa: ARG002
+        self._state = int(a or 0) & _MASK64
+
+    def _next64(self) -> int:
+        self._state = state = (self._state + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return state ^ (state >> 31)
+
+    def random(self) -> float:
+        return (self._next64() >> 11) * (1.0 / 9007199254740992.0)
+
+    def getrandbits(self, k: int) -> int:
+        bits, have = 0, 0
+        while have < k:
+            bits = (bits << 64) | self._next64()
+            have += 64
+        return bits >> (have - k)
+
+    def getstate(self) -> Any:
+        return self._state
+
+    def setstate(self, state: Any) -> None:
+        self._state = state
+
+
+def seed_for(seed: int, tick: int, entity_id: int) -> int:
+    """The rng seed of one entity on one tick."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + tick * 0xC2B2AE3D27D4EB4F) & _MASK64
+    return (mixed ^ (entity_id * 0x165667B19E3779F9)) & _MASK64
+
+
+class View(NamedTuple):
+    """A read-only snapshot of an entity as it was at the end of the previous tick."""
+
+    id: int
+    kind: str
+    x: float
+    y: float
+    z: float
+    state: Any
+
+
+class Event(NamedTuple):
+    """A message to an entity, sent during the previous tick."""
+
+    sender: int
+    name: str
+    data: Any
+
+
+class Entity:
+    """The entity being simulated: systems assign ``x``, ``y``, ``z`` and ``state``."""
+
+    __slots__ = ("id", "kind", "state", "x", "y", "z")
+
+    def __init__(self, entity_id: int, kind: str, x: float, y: float, z: float, state: Any):
+        self.id = entity_id
+        self.kind = kind
+        self.x = x
+        self.y = y
+        self.z = z
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"Entity({self.id}, {self.kind!r}, x={self.x:.3f}, y={self.y:.3f}, {self.state!r})"
+
+
+class SpatialIndex:
+    """Uniform grid hash of views, rebuilt every tick from the previous tick's positions."""
+
+    def __init__(self, cell: float) -> None:
+        self.cell = cell
+        self.cells: dict[tuple[int, int], list[View]] = {}
+
+    def add(self, view: View) -> None:
+        cell = self.cell
+        key = (int(view.x // cell), int(view.y // cell))
+        bucket = self.cells.get(key)
+        if bucket is None:
+            self.cells[key] = [view]
+        else:
+            bucket.append(view)
+
+    def query(self, x: float, y: float, radius: float, kind: str | None, exclude: int) -> list[View]:
+        """Views within ``radius`` of (x, y), sorted by id."""
+        cell, cells, r2 = self.cell, self.cells, radius * radius
+        found: list[View] = []
+        for cx in range(int((x - radius) // cell), int((x + radius) // cell) + 1):
+            for cy in range(int((y - radius) // cell), int((y + radius) // cell) + 1):
+                bucket = cells.get((cx, cy))
+                if bucket is None:
+                    continue
+                for view in bucket:
+                    dx, dy = view.x - x, view.y - y
+                    if (
+                        dx * dx + dy * dy <= r2
+                        and view.id != exclude
+                        and (kind is None or view.kind == kind)
+                    ):
+                        found.append(view)
+        found.sort()
+        return found
+
+
+class Context:
+    """What a system or event handler may do besides changing its own entity.
+
+    One Context serves a whole tick; the core of the loop points it at each
+    entity in turn.
+    """
+
+    def __init__(self, plugins: PluginSet, world: WorldParams, tick: int, index: SpatialIndex):
+        self.tick = tick
+        self.dt = world.dt
+        self.world_size = world.size
+        self.settings: Any = None
+        self.events: list[list[Any]] = []
+        self.spawns: list[list[Any]] = []
+        self.despawned: set[int] = set()
+        self._plugins = plugins
+        self._seed = world.seed
+        self._index = index
+        self._reach = {kind: plugins.reach(kind, world.dt) for kind in plugins.kinds}
+        self.max_step = {
+            kind: spec.max_speed * world.dt * (1 + 1e-9) for kind, spec in plugins.kinds.items()
+        }
+        self._me: Entity | None = None
+        self._prev: View | None = None
+        self._rng: TickRng | None = None
+        self._sent = 0
+        self._spawned = 0
+
+    def begin(self, entity: Entity, prev: View) -> None:
+        self._me, self._prev, self._rng = entity, prev, None
+        self._sent = self._spawned = 0
+        self.settings = self._plugins.kind_settings[entity.kind]
+
+    @property
+    def rng(self) -> TickRng:
+        """Deterministic randomness for this entity on this tick."""
+        if self._rng is None:
+            assert self._me is not None
+            self._rng = TickRng(seed_for(self._seed, self.tick, self._me.id))
+        return self._rng
+
+    def nearby(
+        self,
+        radius: float,
+        kind: str | None = None,
+        *,
+        x: float | None = None,
+        y: float | None = None,
+    ) -> list[View]:
+        """Other entities within ``radius`` of a point (default: this entity's last position).
+
+        Positions and states are those at the end of the previous tick.
+        Raises :class:`ReachError` beyond the kind's declared reach.
+        """
+        me, prev = self._me, self._prev
+        assert me is not None and prev is not None
+        cx = prev.x if x is None else x
+        cy = prev.y if y is None else y
+        if math.hypot(cx - prev.x, cy - prev.y) + radius > self._reach[me.kind] * (1 + 1e-9) + 1e-9:
+            raise ReachError(
+                f"{me.kind} {me.id} looked {radius} m around ({cx:.2f}, {cy:.2f}), beyond its "
+                f"declared reach of {self._reach[me.kind]} m (raise Kind.radius)"
+            )
+        return self._index.query(cx, cy, radius, kind, me.id)
+
+    def send(self, target: int, name: str, data: Any = None) -> None:
+        """Deliver event ``name`` to entity ``target`` on the next tick."""
+        me = self._me
+        assert me is not None
+        if name not in self._plugins.handlers:
+            raise KeyError(f"no plugin handles event {name!r}")
+        self.events.append([int(target), me.id, self._sent, name, data])
+        self._sent += 1
+
+    def spawn(self, kind: str, x: float, y: float, z: float = 0.0, state: Any = None) -> None:
+        """Create an entity at the end of this tick; its id is assigned by the core."""
+        me = self._me
+        assert me is not None
+        codec = self._plugins.codecs.get(kind)
+        if codec is None:
+            raise KeyError(f"unknown entity kind {kind!r}")
+        if state is None:
+            state = codec.cls()
+        elif type(state) is not codec.cls:
+            raise TypeError(f"state of a {kind} must be a {codec.cls.__name__}")
+        size = self.world_size
+        self.spawns.append(
+            [me.id, self._spawned, kind, clamp(float(x), size), clamp(float(y), size),
+             float(z), codec.to_wire(state)]
+        )
+        self._spawned += 1
+
+    def despawn(self) -> None:
+        """Remove this entity at the end of this tick."""
+        assert self._me is not None
+        self.despawned.add(self._me.id)
+
+
+def run_entity(
+    entity: Entity,
+    prev: View,
+    ctx: Context,
+    inbox: Sequence[Event],
+    handlers: dict[str, EventHandler],
+    systems: Sequence[System],
+    state_type: type,
+    max_step: float,
+) -> str | None:
+    """Run one entity's event handlers and systems; return an error text or None.
+
+    On any plugin error the entity keeps its previous state and everything it
+    emitted this tick is withdrawn, so a faulty entity cannot corrupt others.
+    """
+    ctx.begin(entity, prev)
+    marks = len(ctx.events), len(ctx.spawns)
+    try:
+        for event in inbox:
+            handlers[event.name](entity, event, ctx)
+        for system in systems:
+            system(entity, ctx)
+        if entity.x != prev.x or entity.y != prev.y or entity.z != prev.z:
+            if math.hypot(entity.x - prev.x, entity.y - prev.y) > max_step:
+                raise ValueError(
+                    f"moved {math.hypot(entity.x - prev.x, entity.y - prev.y):.3f} m in one "
+                    f"tick, more than its kind's max_speed allows ({max_step:.3f} m)"
+                )
+            size = ctx.world_size
+            entity.x = clamp(float(entity.x), size)
+            entity.y = clamp(float(entity.y), size)
+            entity.z = float(entity.z)
+            if not math.isfinite(entity.z):
+                raise ValueError("z is not finite")
+        if type(entity.state) is not state_type:
+            raise TypeError(f"state must stay a {state_type.__name__}")
+    except Exception as exc:
+        entity.x, entity.y, entity.z, entity.state = prev.x, prev.y, prev.z, prev.state
+        del ctx.events[marks[0] :]
+        del ctx.spawns[marks[1] :]
+        ctx.despawned.discard(entity.id)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def group_events(events: Iterable[Sequence[Any]]) -> dict[int, list[Event]]:
+    """Events per target, each target's sorted by (sender, sequence)."""
+    inbox: dict[int, list[Any]] = {}
+    for target, sender, seq, name, data in events:
+        inbox.setdefault(target, []).append((sender, seq, name, data))
+    return {
+        target: [Event(sender, name, data) for sender, _seq, name, data in sorted(items)]
+        for target, items in inbox.items()
+    }
+
+
+class WorldBuilder:
+    """Handed to ``Plugin.create_world`` to populate a new world."""
+
+    def __init__(self, plugins: PluginSet, world: WorldParams) -> None:
+        self.size = world.size
+        self.rng = TickRng(seed_for(world.seed, 0, 0))
+        self.settings: Any = None
+        self.records: list[list[Any]] = []
+        self._plugins = plugins
+
+    def spawn(self, kind: str, x: float, y: float, z: float = 0.0, state: Any = None) -> int:
+        codec = self._plugins.codecs.get(kind)
+        if codec is None:
+            raise KeyError(f"unknown entity kind {kind!r}")
+        entity_id = len(self.records) + 1
+        state = codec.cls() if state is None else state
+        self.records.append(
+            [entity_id, kind, clamp(float(x), self.size), clamp(float(y), self.size),
+             float(z), codec.to_wire(state)]
+        )
+        return entity_id
+
+
+def create_world(plugins: PluginSet, world: WorldParams) -> list[list[Any]]:
+    """Run every plugin's world-creation hook; entity ids start at 1."""
+    builder = WorldBuilder(plugins, world)
+    for plugin in plugins.plugins:
+        if plugin.create_world is not None:
+            builder.settings = plugins.settings.get(plugin.name)
+            plugin.create_world(builder)
+    return builder.records
+
+
+class WorkerSim:
+    """A worker's working copy of its partitions: applies ``Step``, returns ``Reply``."""
+
+    def __init__(self, worker: int, epoch: int, plugins: PluginSet, world: WorldParams) -> None:
+        self.worker = worker
+        self.epoch = epoch
+        self.plugins = plugins
+        self.world = world
+        self.layout: Layout | None = None
+        self.entities: dict[int, Entity] = {}
+        self.members: dict[str, dict[int, Entity]] = {}
+        self.ghosts: dict[int, View] = {}
+        self.targets: dict[int, tuple[int, ...]] = {}
+        self.dirty: set[int] = set()
+        self.last_tick: int | None = None
+
+    def record(self, entity: Entity) -> list[Any]:
+        return [
+            entity.id, entity.kind, entity.x, entity.y, entity.z,
+            self.plugins.codecs[entity.kind].to_wire(entity.state),
+        ]
+
+    def _entity(self, record: Sequence[Any]) -> Entity:
+        entity_id, kind, x, y, z, state = record
+        return Entity(entity_id, kind, x, y, z, self.plugins.codecs[kind].from_wire(state))
+
+    def _view(self, record: Sequence[Any]) -> View:
+        entity_id, kind, x, y, z, state = record
+        return View(entity_id, kind, x, y, z, self.plugins.codecs[kind].from_wire(state))
+
+    def _set_layout(self, owners: dict[str, int]) -> None:
+        self.layout = layout = Layout(self.world.size, self.world.halo, owners)
+        self.members = {leaf: {} for leaf in layout.leaves_of(self.worker)}
+        for entity in self.entities.values():
+            self.members[layout.partition_of(entity.x, entity.y)][entity.id] = entity
+
+    def _apply_inbound(self, step: Step, reply: Reply) -> None:
+        if step.layout is not None:
+            self._set_layout(step.layout)
+        layout = self.layout
+        if layout is None:
+            raise RuntimeError("the first step must carry a layout")
+        for entity_id in step.ghost_remove:
+            self.ghosts.pop(entity_id, None)
+        for record in step.ghost_upsert:
+            self.ghosts[record[0]] = self._view(record)
+        for entity_id in step.release:
+            entity = self.entities.pop(entity_id)
+            del self.members[layout.partition_of(entity.x, entity.y)][entity_id]
+            self.targets.pop(entity_id, None)
+            self.dirty.discard(entity_id)
+            reply.released.append(self.record(entity))
+        for record, targets in step.acquire:
+            entity = self._entity(record)
+            self.entities[entity.id] = entity
+            self.members[layout.partition_of(entity.x, entity.y)][entity.id] = entity
+            self.ghosts.pop(entity.id, None)
+            if targets:
+                self.targets[entity.id] = tuple(targets)
+
+    def step(self, step: Step) -> Reply:
+        """Simulate tick ``step.tick`` for the owned entities."""
+        started_cpu = time.process_time()
+        reply = Reply(tick=step.tick, worker=self.worker, epoch=self.epoch)
+        self._apply_inbound(step, reply)
+        layout = self.layout
+        assert layout is not None
+        plugins = self.plugins
+
+        index = SpatialIndex(max(self.world.halo, 1e-6))
+        prev: dict[int, View] = {}
+        for entity in self.entities.values():
+            view = View(entity.id, entity.kind, entity.x, entity.y, entity.z, entity.state)
+            prev[entity.id] = view
+            index.add(view)
+        for view in self.ghosts.values():
+            index.add(view)
+
+        ctx = Context(plugins, self.world, step.tick, index)
+        inbox = group_events(step.events)
+        handlers, systems, codecs = plugins.handlers, plugins.systems, plugins.codecs
+        max_step = ctx.max_step
+        owners, targets, dirty, worker = layout.owners, self.targets, self.dirty, self.worker
+        no_events: list[Event] = []
+        moves: list[tuple[Entity, str, str]] = []
+        leaving: list[tuple[Entity, str]] = []
+        despawned = ctx.despawned
+
+        for leaf, members in self.members.items():
+            leaf_started = time.perf_counter()
+            rect, safe = layout.rects[leaf], layout.safe_rect(leaf)
+            for entity in members.values():
+                view = prev[entity.id]
+                error = run_entity(
+                    entity, view, ctx, inbox.get(entity.id, no_events), handlers,
+                    systems[entity.kind], codecs[entity.kind].cls, max_step[entity.kind],
+                )
+                if error is not None:
+                    reply.errors.append([entity.id, error])
+                    continue
+                if entity.id in despawned:
+                    leaving.append((entity, leaf))
+                    continue
+                if (
+                    entity.x == view.x
+                    and entity.y == view.y
+                    and entity.z == view.z
+                    and entity.state is view.state
+                ):
+                    continue
+                x, y = entity.x, entity.y
+                if not rect.contains(x, y):
+                    new_leaf = layout.partition_of(x, y)
+                    if owners[new_leaf] != worker:
+                        reply.handoff.append(self.record(entity))
+                        leaving.append((entity, leaf))
+                        continue
+                    moves.append((entity, leaf, new_leaf))
+                    here = layout.safe_rect(new_leaf)
+                else:
+                    here = safe
+                new_targets = () if here.contains(x, y) else layout.ghost_targets(x, y, worker)
+                old_targets = targets.get(entity.id, ())
+                if new_targets or old_targets:
+                    reply.border.append([self.record(entity), list(new_targets)])
+                    dirty.discard(entity.id)
+                    if new_targets:
+                        targets[entity.id] = new_targets
+                    else:
+                        del targets[entity.id]
+                else:
+                    dirty.add(entity.id)
+            reply.cost_ms[leaf] = (time.perf_counter() - leaf_started) * 1000.0
+
+        for entity, old_leaf, new_leaf in moves:
+            del self.members[old_leaf][entity.id]
+            self.members[new_leaf][entity.id] = entity
+        for entity, leaf in leaving:
+            del self.entities[entity.id]
+            del self.members[leaf][entity.id]
+            targets.pop(entity.id, None)
+            dirty.discard(entity.id)
+        reply.despawn = sorted(despawned)
+        if step.checkpoint:
+            reply.dirty = [self.record(self.entities[i]) for i in sorted(dirty)]
+            dirty.clear()
+        reply.spawns = ctx.spawns
+        reply.events = ctx.events
+        reply.counts = {leaf: len(members) for leaf, members in self.members.items()}
+        reply.cpu_ms = (time.process_time() - started_cpu) * 1000.0
+        self.last_tick = step.tick
+        return reply

@@ -1,0 +1,109 @@
+"""SQLite persistence: whole ticks only, written by one thread.
+
+The database holds ``entity`` rows and a ``meta`` table (tick, seed, next id,
+pending events). Each :class:`Delta` is one ``BEGIN IMMEDIATE ... COMMIT``
+transaction that also moves ``meta.tick``, so a reader always sees a whole
+tick. The connection is created with ``check_same_thread=False`` because the
+core drives it from worker threads; callers must serialise calls (the core
+runs one writer task).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from meshd._snapshot import Delta, Row, to_row
+
+FORMAT = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entity (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    x REAL NOT NULL,
+    y REAL NOT NULL,
+    z REAL NOT NULL,
+    state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+
+
+class StoreError(Exception):
+    """The database is unreadable or from an incompatible version."""
+
+
+class Store:
+    """One world database."""
+
+    def __init__(self, path: Path, *, synchronous: str = "normal", readonly: bool = False):
+        self.path = path
+        try:
+            if readonly:
+                self.db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+                self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open world database {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            rows = self.db.execute("SELECT key, value FROM meta").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+        meta = {key: cbor2.loads(value) for key, value in rows}
+        if meta and meta.get("format") != FORMAT:
+            raise StoreError(
+                f"{self.path} has format {meta.get('format')!r}; this meshd reads format {FORMAT}"
+            )
+        return meta
+
+    def rows(self) -> Iterator[Row]:
+        """Every stored entity row, in id order."""
+        yield from self.db.execute("SELECT id, kind, x, y, z, state FROM entity ORDER BY id")
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM entity").fetchone()[0])
+
+    def row(self, entity_id: int) -> Row | None:
+        return self.db.execute(
+            "SELECT id, kind, x, y, z, state FROM entity WHERE id = ?", (entity_id,)
+        ).fetchone()
+
+    def write(self, delta: Delta, schema: Mapping[str, Sequence[str]]) -> None:
+        """Write one whole tick in one transaction (all or nothing)."""
+        rows = [to_row(record, schema) for record in delta.upserts]
+        meta = {
+            "format": FORMAT,
+            "tick": delta.tick,
+            "seed": delta.seed,
+            "next_id": delta.next_id,
+            "events": delta.events,
+        }
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO entity VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("DELETE FROM entity WHERE id = ?", [(i,) for i in delta.deletes])
+            db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(key, cbor2.dumps(value)) for key, value in meta.items()],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise

@@ -1,0 +1,157 @@
+"""Wire codec: length-prefixed CBOR frames carrying attrs messages (sans-io).
+
+A frame is a 4-byte big-endian body length followed by a CBOR body. A
+message body is a CBOR map with a ``"type"`` key naming the message class
+and the class's fields as the other keys.
+
+Everything that can go wrong with received bytes raises :class:`WireError`
+and nothing else, so a shell can close the one offending connection.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import cattrs
+import cbor2
+
+from meshd._messages import Bulk
+
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 1 << 20
+"""Frame cap for untrusted peers."""
+
+MAX_DEPTH = 32
+
+
+class WireError(Exception):
+    """Received bytes are not a valid frame or message."""
+
+
+def make_converter() -> cattrs.Converter:
+    """The project's cattrs converter: strict about keys, pass-through for bulk lists."""
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_unstructure_hook(Bulk, lambda value: value)
+
+    def structure_bulk(value: Any, _type: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        return value
+
+    converter.register_structure_hook(Bulk, structure_bulk)
+    return converter
+
+
+CONVERTER = make_converter()
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix a body with its length."""
+    return HEADER.pack(len(body)) + body
+
+
+def _reject_tag(*_args: Any) -> Any:
+    raise WireError("CBOR tags are not accepted")
+
+
+# cbor2 decodes its built-in tags (dates, shared references, regexes, ...)
+# without asking tag_hook; overriding them as semantic decoders rejects them too.
+_REJECT_BUILTIN_TAGS = {tag: _reject_tag for tag in (*range(1100), 43000, 55799)}
+
+
+def _string_keys_only(mapping: dict[Any, Any], _immutable: bool) -> dict[Any, Any]:
+    # cbor2 6.x calls object_hook as (mapping, immutable), unlike its docstring.
+    for key in mapping:
+        if not isinstance(key, str):
+            raise WireError(f"map keys must be text strings, got {type(key).__name__}")
+    return mapping
+
+
+def decode_cbor(body: bytes) -> Any:
+    """Decode exactly one CBOR item, strictly.
+
+    Rejects tags, trailing bytes, duplicate and non-string map keys, indefinite
+    lengths and nesting deeper than ``MAX_DEPTH``.
+    """
+    stream = io.BytesIO(body)
+    try:
+        decoder = cbor2.CBORDecoder(
+            stream,
+            tag_hook=_reject_tag,
+            semantic_decoders=_REJECT_BUILTIN_TAGS,
+            object_hook=_string_keys_only,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+        value = decoder.decode()
+    except WireError:
+        raise
+    except Exception as exc:  # cbor2 raises several types, some from Rust
+        cause = exc.__cause__ or exc.__context__
+        reason = cause if isinstance(cause, WireError) else exc
+        raise WireError(f"malformed CBOR: {reason}") from None
+    if stream.tell() != len(body):
+        raise WireError(f"{len(body) - stream.tell()} trailing bytes after the CBOR item")
+    return value
+
+
+def encode_message(message: Any) -> bytes:
+    """Encode an attrs message as a frame body."""
+    body = CONVERTER.unstructure(message)
+    body["type"] = type(message).__name__
+    return cbor2.dumps(body)
+
+
+def decode_message(body: bytes, accepted: Iterable[type]) -> Any:
+    """Decode a frame body into one of the ``accepted`` message classes."""
+    data = decode_cbor(body)
+    if not isinstance(data, dict):
+        raise WireError("a message must be a CBOR map")
+    name = data.pop("type", None)
+    by_name = {cls.__name__: cls for cls in accepted}
+    cls = by_name.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise WireError(f"unexpected message type {name!r}")
+    try:
+        return CONVERTER.structure(data, cls)
+    except Exception as exc:
+        details = "; ".join(cattrs.transform_error(exc, path=name))
+        raise WireError(f"invalid {name} message: {details}") from None
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies.
+
+    Feed received bytes with :meth:`feed`, then iterate :meth:`frames`.
+    A declared length above ``max_frame`` raises :class:`WireError` at once,
+    before the body arrives.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def frames(self) -> Iterator[bytes]:
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > self.max_frame:
+                raise WireError(f"frame of {length} bytes exceeds the {self.max_frame}-byte cap")
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                return
+            body = bytes(self._buffer[HEADER.size : end])
+            del self._buffer[:end]
+            yield body
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buffer)

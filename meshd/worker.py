@@ -1,0 +1,89 @@
+"""Worker process entry point: ``python -m meshd.worker SOCKET WORKER EPOCH``.
+
+A thin blocking shell around :class:`~meshd._sim.WorkerSim`: connect to the
+core's Unix socket, prove identity with the one-time token from the
+``MESHD_WORKER_TOKEN`` environment variable, load the plugins named in
+``Init``, then answer each ``Step`` with a ``Reply`` until the core closes the
+socket. The worker exits as soon as the socket closes, so it never outlives
+its core, even one killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from meshd._messages import Fatal, Hello, Init, Ready, Step
+from meshd._plugin import PluginError, load_plugins
+from meshd._sim import WorkerSim
+from meshd._wire import CONVERTER, HEADER, decode_message, encode_message, frame
+
+TOKEN_ENV = "MESHD_WORKER_TOKEN"
+
+
+class LinkClosed(Exception):
+    """The core closed the socket."""
+
+
+def _receive_exactly(sock: socket.socket, count: int) -> bytes:
+    chunks, remaining = [], count
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            raise LinkClosed
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(sock: socket.socket, accepted: tuple[type, ...]) -> object:
+    (length,) = HEADER.unpack(_receive_exactly(sock, HEADER.size))
+    return decode_message(_receive_exactly(sock, length), (*accepted, Fatal))
+
+
+def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path)
+    send = sock.sendall
+    send(frame(encode_message(Hello(worker=worker, epoch=epoch, token=token, pid=os.getpid()))))
+    init = _receive(sock, (Init,))
+    if isinstance(init, Fatal):
+        print(f"meshd worker {worker}: core refused: {init.message}", file=sys.stderr)
+        return 1
+    assert isinstance(init, Init)
+    try:
+        plugins = load_plugins(
+            init.plugins, [Path(d) for d in init.plugin_dirs], init.settings, CONVERTER
+        )
+    except PluginError as exc:
+        send(frame(encode_message(Fatal(str(exc)))))
+        return 1
+    sim = WorkerSim(worker, epoch, plugins, init.world)
+    send(frame(encode_message(Ready(worker=worker))))
+    while True:
+        message = _receive(sock, (Step,))
+        if isinstance(message, Fatal):
+            return 0
+        assert isinstance(message, Step)
+        send(frame(encode_message(sim.step(message))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3:
+        print("usage: python -m meshd.worker SOCKET WORKER EPOCH", file=sys.stderr)
+        return 2
+    token = os.environ.pop(TOKEN_ENV, "")
+    # Ctrl-C goes to the core; the core stops us by closing the socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return run(args[0], int(args[1]), int(args[2]), token)
+    except (LinkClosed, ConnectionError, BrokenPipeError):
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

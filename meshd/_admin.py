@@ -1,0 +1,209 @@
+"""The admin socket (``meshd.sock``, mode 0600) and the views ``meshd inspect`` shows.
+
+Requests and answers are single frames: an :class:`AdminRequest` in, an
+:class:`AdminAnswer` out. The views read the core's state between ticks
+(trio runs one task at a time), so every answer is consistent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from meshd._core import percentile
+from meshd._layout import sorted_leaves
+from meshd._wire import FrameDecoder, WireError, decode_message, encode_message, frame
+
+if TYPE_CHECKING:
+    from meshd._core import Core
+
+VIEWS = ("status", "workers", "partitions", "entity", "world")
+HASH_TIMEOUT = 30.0
+
+
+@attrs.define
+class AdminRequest:
+    view: str
+    entity: int | None = None
+    hash: bool = False
+
+
+@attrs.define
+class AdminAnswer:
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+class AdminError(Exception):
+    """The daemon could not be reached or refused the request."""
+
+
+def _round(value: float) -> float:
+    return round(value, 3)
+
+
+def status_view(core: Core) -> dict[str, Any]:
+    repl, times = core.replication, list(core.tick_ms)
+    return {
+        "tick": repl.tick,
+        "entities": len(repl.owner),
+        "workers": len(core.supervisor.links),
+        "partitions": len(repl.layout.owners),
+        "failovers": core.failovers,
+        "rate_hz": _round(core.rate_hz()),
+        "target_rate_hz": core.config.tick.rate,
+        "tick_ms": {"p50": _round(percentile(times, 50)), "p99": _round(percentile(times, 99))},
+        "plugin_errors": repl.errors_total,
+        "persisted_tick": core.persisted_tick,
+        "persist_failures": core.persist_failures,
+        "seed": repl.world.seed,
+        "uptime_s": _round(time.monotonic() - core.started),
+    }
+
+
+def workers_view(core: Core) -> list[dict[str, Any]]:
+    repl = core.replication
+    rows = []
+    for worker, link in sorted(core.supervisor.links.items()):
+        leaves = repl.layout.leaves_of(worker)
+        rows.append({
+            "id": worker,
+            "pid": link.pid,
+            "epoch": link.epoch,
+            "partitions": sorted_leaves(leaves),
+            "entities": sum(repl.counts.get(leaf, 0) for leaf in leaves),
+            "cost_ms": _round(sum(repl.cost_ms.get(leaf, 0.0) for leaf in leaves)),
+            "cpu_ms": _round(repl.worker_cpu_ms.get(worker, 0.0)),
+        })
+    return rows
+
+
+def partitions_view(core: Core) -> list[dict[str, Any]]:
+    repl = core.replication
+    layout = repl.layout
+    return [
+        {
+            "id": leaf,
+            "depth": int(leaf.split("/")[0]),
+            "bounds": layout.rects[leaf].as_list(),
+            "worker": layout.owners[leaf],
+            "entities": repl.counts.get(leaf, 0),
+            "cost_ms": _round(repl.cost_ms.get(leaf, 0.0)),
+        }
+        for leaf in sorted_leaves(layout.owners)
+    ]
+
+
+def entity_view(core: Core, entity_id: int) -> dict[str, Any]:
+    repl = core.replication
+    record = repl.records.get(entity_id)
+    if record is None:
+        raise KeyError(f"no entity {entity_id}")
+    _, kind, x, y, z, state = record
+    return {
+        "id": entity_id,
+        "kind": kind,
+        "x": x,
+        "y": y,
+        "z": z,
+        "owner": repl.owner[entity_id],
+        "state": core.plugins.codecs[kind].to_dict(state),
+    }
+
+
+async def world_view(core: Core, with_hash: bool) -> dict[str, Any]:
+    repl = core.replication
+    if not with_hash:
+        return {"tick": repl.tick, "entities": len(repl.owner), "hash": None}
+    # Between checkpoints the core holds only part of S(T): ask for one.
+    send, receive = trio.open_memory_channel[tuple[int, str]](1)
+    core.hash_waiters.append(send)
+    with trio.fail_after(HASH_TIMEOUT):
+        tick, digest = await receive.receive()
+    return {"tick": tick, "entities": len(repl.owner), "hash": digest}
+
+
+async def answer(core: Core, request: AdminRequest) -> AdminAnswer:
+    try:
+        if request.view == "status":
+            result: Any = status_view(core)
+        elif request.view == "workers":
+            result = workers_view(core)
+        elif request.view == "partitions":
+            result = partitions_view(core)
+        elif request.view == "entity":
+            if request.entity is None:
+                raise ValueError("the entity view needs an entity id")
+            result = entity_view(core, request.entity)
+        elif request.view == "world":
+            result = await world_view(core, request.hash)
+        else:
+            raise ValueError(f"unknown view {request.view!r}; one of {', '.join(VIEWS)}")
+    except (KeyError, ValueError, trio.TooSlowError) as exc:
+        return AdminAnswer(ok=False, error=str(exc.args[0] if exc.args else exc))
+    return AdminAnswer(ok=True, result=result)
+
+
+async def _handle(core: Core, stream: trio.SocketStream) -> None:
+    decoder = FrameDecoder()
+    async with stream:
+        try:
+            while True:
+                data = await stream.receive_some(1 << 16)
+                if not data:
+                    return
+                decoder.feed(data)
+                for body in decoder.frames():
+                    try:
+                        request = decode_message(body, (AdminRequest,))
+                    except WireError as exc:
+                        reply = AdminAnswer(ok=False, error=str(exc))
+                    else:
+                        reply = await answer(core, request)
+                    await stream.send_all(frame(encode_message(reply)))
+        except (WireError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def serve_admin(core: Core, path: Path, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on the admin socket until cancelled."""
+    path.unlink(missing_ok=True)  # a stale socket from a killed core; we hold the lock
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    await trio.serve_listeners(lambda stream: _handle(core, stream), [listener])
+
+
+def request(path: Path, request: AdminRequest, timeout: float = 60.0) -> Any:
+    """Blocking client used by ``meshd inspect``: one request, one answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(frame(encode_message(request)))
+            decoder = FrameDecoder(1 << 30)
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise AdminError("the daemon closed the admin connection")
+                decoder.feed(data)
+                for body in decoder.frames():
+                    reply = decode_message(body, (AdminAnswer,))
+                    if not reply.ok:
+                        raise AdminError(reply.error)
+                    return reply.result
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise AdminError(f"no meshd daemon is running here ({path}: {exc.strerror})") from None
+    except TimeoutError:
+        raise AdminError(f"the daemon at {path} did not answer within {timeout} s") from None
+

@@ -1,0 +1,226 @@
+"""Configuration: ``meshd.toml``, overridden by ``MESHD_*`` variables, overridden by flags.
+
+Every setting lives at ``section.key``; its environment variable is
+``MESHD_SECTION_KEY`` (for example ``MESHD_WORLD_SEED``, ``MESHD_GATEWAY_LISTEN``).
+Environment values are read as TOML values when they parse as one
+(``7``, ``0.5``, ``true``, ``["a", "b"]``) and as plain strings otherwise.
+Any bad value stops startup with a :class:`ConfigError` naming the key and
+the expected form.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+
+from meshd._wire import CONVERTER
+
+DEFAULT_CONFIG = Path("meshd.toml")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and what it expects."""
+
+
+@attrs.frozen
+class WorldConfig:
+    size: float = 400.0
+    seed: int = 1
+    dt: float = 0.05
+    halo: float = 5.0
+
+
+@attrs.frozen
+class TickConfig:
+    rate: float = 20.0
+    persist_every: int = 10
+
+
+@attrs.frozen
+class DataConfig:
+    dir: str = "data"
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+@attrs.frozen
+class MeshConfig:
+    mode: Literal["static", "dynamic"] = "static"
+    workers: int = 2
+    grid: int = 4
+    step_deadline: float = 10.0
+
+
+@attrs.frozen
+class GatewayConfig:
+    listen: str = "127.0.0.1:7777"
+
+
+@attrs.frozen
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool | None = None
+
+
+@attrs.frozen
+class PluginsConfig:
+    load: list[str] = attrs.field(factory=lambda: ["tavern"])
+    dirs: list[str] = attrs.field(factory=lambda: ["plugins"])
+    settings: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Config:
+    world: WorldConfig = WorldConfig()
+    tick: TickConfig = TickConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    log: LogConfig = LogConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    base_dir: str = "."
+    """Folder that relative plugin folders are resolved against (the config file's)."""
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir)
+
+    @property
+    def plugin_dirs(self) -> list[Path]:
+        return [Path(self.base_dir, folder).resolve() for folder in self.plugins.dirs]
+
+
+_SECTIONS: dict[str, type] = {
+    field.name: field.type  # type: ignore[misc]
+    for field in attrs.fields(Config)
+    if field.name != "base_dir"
+}
+_LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+
+
+def _resolve_section(name: str) -> type:
+    section = _SECTIONS[name]
+    if isinstance(section, str):  # postponed annotations
+        section = globals()[section]
+    return section
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``MESHD_SECTION_KEY`` variables that name a real setting, as dotted keys."""
+    found: dict[str, Any] = {}
+    for section in _SECTIONS:
+        for field in attrs.fields(_resolve_section(section)):
+            if section == "plugins" and field.name == "settings":
+                continue
+            name = f"MESHD_{section}_{field.name}".upper()
+            if name in environ:
+                found[f"{section}.{field.name}"] = _parse_env_value(environ[name])
+    return found
+
+
+def _apply(raw: dict[str, Any], dotted: Mapping[str, Any]) -> None:
+    for key, value in dotted.items():
+        section, _, field = key.partition(".")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table, got {table!r}")
+        table[field] = value
+
+
+def _format_cattrs(exc: Exception) -> list[str]:
+    messages = []
+    for line in cattrs.transform_error(exc, path="$"):
+        message, _, where = line.rpartition(" @ ")
+        key = where.removeprefix("$").lstrip(".") or "(top level)"
+        messages.append(f"{key}: {message}")
+    return messages
+
+
+def _validate(config: Config) -> list[str]:
+    problems = []
+
+    def need(ok: bool, key: str, expected: str, value: Any) -> None:
+        if not ok:
+            problems.append(f"{key}: expected {expected}, got {value!r}")
+
+    world, tick, mesh = config.world, config.tick, config.mesh
+    need(world.size > 0, "world.size", "a size in metres > 0", world.size)
+    need(world.dt > 0, "world.dt", "simulated seconds per tick > 0", world.dt)
+    need(world.halo > 0, "world.halo", "a ghost radius in metres > 0", world.halo)
+    need(0 <= world.seed < 2**63, "world.seed", "an integer in [0, 2**63)", world.seed)
+    need(tick.rate >= 0, "tick.rate", "ticks per second >= 0 (0 = as fast as possible)", tick.rate)
+    need(tick.persist_every >= 1, "tick.persist_every", "a tick count >= 1", tick.persist_every)
+    need(mesh.workers >= 1, "mesh.workers", "a worker count >= 1", mesh.workers)
+    need(
+        mesh.grid >= 1 and mesh.grid & (mesh.grid - 1) == 0,
+        "mesh.grid", "a power of two (1, 2, 4, 8, ...)", mesh.grid,
+    )
+    need(mesh.step_deadline > 0, "mesh.step_deadline", "seconds > 0", mesh.step_deadline)
+    match = _LISTEN.match(config.gateway.listen)
+    need(
+        match is not None and 0 < int(match["port"]) < 65536,
+        "gateway.listen", "HOST:PORT such as 127.0.0.1:7777", config.gateway.listen,
+    )
+    need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
+    return problems
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read the config file, then apply environment variables, then flag ``overrides``.
+
+    ``path=None`` reads ``meshd.toml`` in the current folder if there is one.
+    ``overrides`` maps dotted keys (``"world.seed"``) to values; None values
+    are ignored so unset flags fall through.
+    """
+    raw: dict[str, Any] = {}
+    base_dir = Path(".")
+    chosen = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if chosen is not None:
+        try:
+            raw = tomllib.loads(chosen.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {chosen} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {chosen} is not valid TOML: {exc}") from None
+        base_dir = chosen.resolve().parent
+    _apply(raw, env_overrides(os.environ if environ is None else environ))
+    _apply(raw, {key: value for key, value in (overrides or {}).items() if value is not None})
+
+    plugins = raw.get("plugins", {})
+    if isinstance(plugins, dict):
+        plugins = dict(plugins)
+        settings = {
+            name: value for name, value in plugins.items()
+            if name not in ("load", "dirs") and isinstance(value, dict)
+        }
+        for name in settings:
+            del plugins[name]
+        plugins["settings"] = settings
+        raw["plugins"] = plugins
+    raw["base_dir"] = str(base_dir)
+    try:
+        config = CONVERTER.structure(raw, Config)
+    except Exception as exc:
+        raise ConfigError("bad config: " + "; ".join(_format_cattrs(exc))) from None
+    problems = _validate(config)
+    if problems:
+        raise ConfigError("bad config: " + "; ".join(problems))
+    return config

@@ -1,0 +1,324 @@
+"""The core process: ``serve()`` composes store, supervisor, admin and the tick loop.
+
+The tick loop is the one serial path of the system: build steps, send them,
+wait for every reply, commit. Everything else (persistence, admin requests,
+signals) runs beside it in the same nursery and never makes it wait on disk.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import signal
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cbor2
+import trio
+
+from meshd._config import Config, ConfigError
+from meshd._layout import Layout
+from meshd._logging import get_logger
+from meshd._messages import Init, WorldParams
+from meshd._plugin import PluginSet, load_plugins
+from meshd._replication import Replication
+from meshd._sim import create_world
+from meshd._snapshot import Delta, WorldSnapshot
+from meshd._store import Store
+from meshd._supervisor import Supervisor
+from meshd._wire import CONVERTER
+
+DB_NAME = "world.db"
+SOCKET_NAME = "meshd.sock"
+LOCK_NAME = "meshd.lock"
+PERSIST_RETRY_MAX = 5.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (bad plugins, halo too small, data folder in use...)."""
+
+
+@attrs.define
+class RunSummary:
+    """What one ``serve()`` run did; benchmarks read it."""
+
+    first_tick: int
+    last_tick: int
+    loop_seconds: float
+    entity_ticks: int
+    tick_ms: list[float]
+    workers: int
+    hash: str
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def world_params(config: Config, seed: int | None = None) -> WorldParams:
+    world = config.world
+    return WorldParams(
+        size=world.size, seed=world.seed if seed is None else seed, dt=world.dt, halo=world.halo
+    )
+
+
+def load_plugin_set(config: Config) -> PluginSet:
+    plugins = load_plugins(
+        config.plugins.load, config.plugin_dirs, config.plugins.settings, CONVERTER
+    )
+    need, kind = plugins.required_halo(config.world.dt)
+    if need > config.world.halo:
+        raise ConfigError(
+            f"world.halo = {config.world.halo} m is too small: kind {kind!r} reaches {need:g} m "
+            f"in one tick (radius + max_speed * dt); set world.halo >= {math.ceil(need)}"
+        )
+    return plugins
+
+
+def effective_grid(config: Config) -> int:
+    """The configured grid, widened so every worker gets at least one strip."""
+    grid = config.mesh.grid
+    while grid < config.mesh.workers:
+        grid *= 2
+    return grid
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data folder's OS lock; a killed core's lock dies with it."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another meshd is already serving {data_dir} (lock {data_dir / LOCK_NAME} is held)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def load_or_create(store: Store, plugins: PluginSet, world: WorldParams) -> tuple[WorldSnapshot, bool]:
+    """The stored world, or a freshly created one (``True`` when created)."""
+    meta = store.meta()
+    if not meta:
+        records = create_world(plugins, world)
+        snapshot = WorldSnapshot(0, world.seed, len(records) + 1, records, [])
+        return snapshot, True
+    records = []
+    for entity_id, kind, x, y, z, state in store.rows():
+        codec = plugins.codecs.get(kind)
+        if codec is None:
+            raise StartupError(f"stored entity {entity_id} has kind {kind!r}, which no plugin defines")
+        try:
+            values = codec.from_dict(cbor2.loads(state), CONVERTER)
+        except Exception as exc:
+            raise StartupError(f"stored entity {entity_id} ({kind}) does not load: {exc}") from exc
+        records.append([entity_id, kind, x, y, z, values])
+    return WorldSnapshot(meta["tick"], meta["seed"], meta["next_id"], records, meta["events"]), False
+
+
+class Core:
+    """The running daemon's state, shared by the tick loop and the admin views."""
+
+    def __init__(self, config: Config, plugins: PluginSet, replication: Replication,
+                 supervisor: Supervisor, store: Store) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.replication = replication
+        self.supervisor = supervisor
+        self.store = store
+        self.started = time.monotonic()
+        self.tick_ms: deque[float] = deque(maxlen=2000)
+        self.tick_times: deque[float] = deque(maxlen=200)
+        self.failovers = 0
+        self.persisted_tick = replication.tick
+        self.persist_failures = 0
+        self.stop_requested = False
+        self.hash_waiters: list[trio.MemorySendChannel[tuple[int, str]]] = []
+        self.log = get_logger(component="core")
+
+    def rate_hz(self) -> float:
+        times = self.tick_times
+        if len(times) < 2 or times[-1] == times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+
+async def _persist_loop(core: Core, deltas: trio.MemoryReceiveChannel[Delta]) -> None:
+    """The only writer: one whole tick per transaction, retried until it lands."""
+    schema = core.plugins.schema()
+    limiter = trio.CapacityLimiter(1)
+    async with deltas:
+        async for delta in deltas:
+            backoff = 0.1
+            while True:
+                try:
+                    await trio.to_thread.run_sync(core.store.write, delta, schema, limiter=limiter)
+                    break
+                except Exception as exc:
+                    core.persist_failures += 1
+                    core.log.error("persist failed, retrying", tick=delta.tick, error=str(exc),
+                                   retry_in=backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, PERSIST_RETRY_MAX)
+            core.persisted_tick = delta.tick
+
+
+async def _watch_signals(core: Core) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            core.log.info("stop requested", signal=signal.Signals(signum).name)
+            if core.stop_requested:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            core.stop_requested = True
+
+
+async def _tick_loop(core: Core, ticks: int | None, persist: trio.MemorySendChannel[Delta]) -> RunSummary:
+    repl, links = core.replication, core.supervisor.links
+    rate, persist_every = core.config.tick.rate, core.config.tick.persist_every
+    deadline = core.config.mesh.step_deadline
+    first_tick = repl.tick + 1
+    entity_ticks = 0
+    tick_ms: list[float] = []
+    loop_started = time.perf_counter()
+    next_at = trio.current_time()
+    while ticks is None or repl.tick < first_tick - 1 + ticks:
+        tick = repl.tick + 1
+        final = core.stop_requested or (ticks is not None and tick == first_tick - 1 + ticks)
+        checkpoint = final or tick % persist_every == 0 or bool(core.hash_waiters)
+        started = time.perf_counter()
+        steps = repl.build_steps(tick, checkpoint)
+        for worker, step in steps.items():
+            step.epoch = links[worker].epoch
+            await links[worker].send(step)
+        replies = []
+        with trio.fail_after(deadline):
+            for worker in steps:
+                replies.append(await links[worker].receive_reply(tick))
+        report = repl.commit(tick, replies, checkpoint)
+        for worker, entity_id, text in report.errors:
+            core.log.warning("plugin error, entity kept its previous state",
+                             tick=tick, entity=entity_id, worker=worker, error=text)
+        elapsed = (time.perf_counter() - started) * 1000.0
+        core.tick_ms.append(elapsed)
+        tick_ms.append(elapsed)
+        core.tick_times.append(time.monotonic())
+        entity_ticks += len(repl.owner)
+        if checkpoint:
+            await _checkpoint(core, persist, final)
+        if final:
+            break
+        if rate > 0:
+            next_at = max(next_at + 1.0 / rate, trio.current_time() - 1.0 / rate)
+            await trio.sleep_until(next_at)
+        else:
+            await trio.lowlevel.checkpoint()
+    return RunSummary(
+        first_tick=first_tick,
+        last_tick=repl.tick,
+        loop_seconds=time.perf_counter() - loop_started,
+        entity_ticks=entity_ticks,
+        tick_ms=tick_ms,
+        workers=len(links),
+        hash="",
+    )
+
+
+async def _checkpoint(core: Core, persist: trio.MemorySendChannel[Delta], final: bool) -> None:
+    repl = core.replication
+    if core.hash_waiters:
+        answer = (repl.tick, repl.hash())
+        for waiter in core.hash_waiters:
+            waiter.send_nowait(answer)
+        core.hash_waiters.clear()
+    if final:
+        await persist.send(repl.take_delta())
+    elif persist.statistics().tasks_waiting_receive:
+        # The writer is idle: hand it this tick. Otherwise keep accumulating;
+        # the next checkpoint's delta will carry these changes too.
+        persist.send_nowait(repl.take_delta())
+
+
+async def serve(
+    config: Config,
+    *,
+    ticks: int | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> RunSummary:
+    """Run the world until ``ticks`` more ticks are done or a stop signal arrives.
+
+    Raises :class:`ConfigError` or :class:`StartupError` before any tick if
+    the configuration, plugins or data folder are unusable, and
+    :class:`~meshd._supervisor.WorkerFailed` if a worker dies.
+    """
+    from meshd._admin import serve_admin
+
+    log = get_logger(component="core")
+    plugins = load_plugin_set(config)
+    data_dir = config.data_dir
+    lock_fd = lock_data_dir(data_dir)
+    store = Store(data_dir / DB_NAME, synchronous=config.data.synchronous)
+    supervisor: Supervisor | None = None
+    try:
+        snapshot, created = load_or_create(store, plugins, world_params(config))
+        if not created and snapshot.seed != config.world.seed:
+            log.warning("world.seed differs from the stored world's; keeping the stored seed",
+                        stored=snapshot.seed, configured=config.world.seed)
+        world = world_params(config, seed=snapshot.seed)
+        if created:
+            store.write(
+                Delta(0, world.seed, snapshot.next_id, [], snapshot.records, []), plugins.schema()
+            )
+            log.info("created a new world", entities=len(snapshot.records), seed=world.seed)
+        else:
+            log.info("loaded world", tick=snapshot.tick, entities=len(snapshot.records))
+        layout = Layout.grid(world.size, world.halo, effective_grid(config), config.mesh.workers)
+        replication = Replication(plugins, world, layout, snapshot)
+        supervisor = Supervisor(
+            Init(
+                world=world,
+                plugins=list(config.plugins.load),
+                plugin_dirs=[str(d) for d in config.plugin_dirs],
+                settings=config.plugins.settings,
+            )
+        )
+        core = Core(config, plugins, replication, supervisor, store)
+        send_delta, receive_delta = trio.open_memory_channel[Delta](0)
+        async with trio.open_nursery() as outer:
+            outer.start_soon(_persist_loop, core, receive_delta)
+            async with send_delta, trio.open_nursery() as services:
+                await supervisor.listen()
+                services.start_soon(supervisor.accept_loop)
+                services.start_soon(_watch_signals, core)
+                await services.start(serve_admin, core, data_dir / SOCKET_NAME)
+                await supervisor.start_all(layout.workers)
+                log.info("serving", workers=len(layout.workers), partitions=len(layout.owners),
+                         tick=replication.tick, rate=config.tick.rate, data=str(data_dir))
+                task_status.started(core)
+                try:
+                    summary = await _tick_loop(core, ticks, send_delta)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await supervisor.stop_all()
+                services.cancel_scope.cancel()
+        summary.hash = replication.hash()
+        log.info("stopped", tick=replication.tick, persisted=core.persisted_tick,
+                 ticks=summary.last_tick - summary.first_tick + 1)
+        return summary
+    finally:
+        if supervisor is not None:
+            supervisor.cleanup()
+        store.close()
+        (data_dir / SOCKET_NAME).unlink(missing_ok=True)
+        os.close(lock_fd)

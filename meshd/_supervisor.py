@@ -1,0 +1,198 @@
+"""Worker processes: start, authenticate, talk to, and stop them (trio shell).
+
+Each worker is ``python -m meshd.worker`` in its own process group (so a
+Ctrl-C aimed at the core does not hit it, and stopping kills the whole
+group). It connects back to a Unix socket in a private 0700 runtime folder
+and must present the one-time token it was started with before it gets
+anything.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from meshd._logging import get_logger
+from meshd._messages import Fatal, Hello, Init, Ready, Reply
+from meshd._wire import FrameDecoder, WireError, decode_message, encode_message, frame
+from meshd.worker import TOKEN_ENV
+
+WORKER_FRAME_CAP = 1 << 30
+STARTUP_TIMEOUT = 30.0
+
+
+class WorkerFailed(Exception):
+    """A worker exited, closed its socket, sent garbage or missed a deadline."""
+
+    def __init__(self, worker: int, reason: str) -> None:
+        super().__init__(f"worker {worker}: {reason}")
+        self.worker = worker
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class WorkerLink:
+    """One live worker incarnation and its socket."""
+
+    worker: int
+    epoch: int
+    pid: int
+    process: trio.Process
+    stream: trio.SocketStream
+    decoder: FrameDecoder = attrs.field(factory=lambda: FrameDecoder(WORKER_FRAME_CAP))
+
+    async def send(self, message: Any) -> None:
+        try:
+            await self.stream.send_all(frame(encode_message(message)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise WorkerFailed(self.worker, f"socket closed while sending ({exc})") from None
+
+    async def receive(self, accepted: Iterable[type]) -> Any:
+        accepted = (*accepted, Fatal)
+        while True:
+            for body in self.decoder.frames():
+                try:
+                    message = decode_message(body, accepted)
+                except WireError as exc:
+                    raise WorkerFailed(self.worker, f"sent a bad frame: {exc}") from None
+                if isinstance(message, Fatal):
+                    raise WorkerFailed(self.worker, message.message)
+                return message
+            try:
+                data = await self.stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise WorkerFailed(self.worker, f"socket failed ({exc})") from None
+            if not data:
+                raise WorkerFailed(self.worker, "closed its socket (exited?)")
+            self.decoder.feed(data)
+
+    async def receive_reply(self, tick: int) -> Reply:
+        reply = await self.receive((Reply,))
+        if reply.epoch != self.epoch or reply.tick != tick:
+            raise WorkerFailed(
+                self.worker,
+                f"replied for tick {reply.tick} epoch {reply.epoch}, "
+                f"expected tick {tick} epoch {self.epoch}",
+            )
+        return reply
+
+
+class Supervisor:
+    """Starts and stops worker processes; owns the runtime folder and its socket."""
+
+    def __init__(self, init: Init) -> None:
+        self.init = init
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="meshd-"))  # created 0700
+        self.socket_path = self.runtime_dir / "core.sock"
+        self.links: dict[int, WorkerLink] = {}
+        self._epochs: dict[int, int] = {}
+        self._pending: dict[tuple[int, int], tuple[str, trio.MemorySendChannel[Any]]] = {}
+        self._listener: trio.SocketListener | None = None
+        self._log = get_logger(component="supervisor")
+
+    async def listen(self) -> trio.SocketListener:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(self.socket_path))
+        sock.listen(64)
+        self._listener = trio.SocketListener(sock)
+        return self._listener
+
+    async def accept_loop(self) -> None:
+        """Match incoming connections to the workers being started, by token."""
+        assert self._listener is not None
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await self._listener.accept()
+                nursery.start_soon(self._greet, stream)
+
+    async def _greet(self, stream: trio.SocketStream) -> None:
+        decoder = FrameDecoder(1 << 16)
+        hello = None
+        with trio.move_on_after(STARTUP_TIMEOUT):
+            while hello is None:
+                data = await stream.receive_some(1 << 16)
+                if not data:
+                    break
+                decoder.feed(data)
+                for body in decoder.frames():
+                    try:
+                        hello = decode_message(body, (Hello,))
+                    except WireError:
+                        pass
+                    break
+        pending = self._pending.get((hello.worker, hello.epoch)) if hello else None
+        if hello is None or pending is None or not secrets.compare_digest(pending[0], hello.token):
+            self._log.warning("rejected worker connection", reason="bad or missing hello")
+            await stream.aclose()
+            return
+        del self._pending[(hello.worker, hello.epoch)]
+        await pending[1].send((stream, hello, decoder))
+
+    async def start_worker(self, worker: int) -> WorkerLink:
+        """Start one worker process and wait until it has loaded its plugins."""
+        epoch = self._epochs.get(worker, 0) + 1
+        self._epochs[worker] = epoch
+        token = secrets.token_hex(16)
+        send, receive = trio.open_memory_channel[Any](1)
+        self._pending[(worker, epoch)] = (token, send)
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "meshd.worker", str(self.socket_path), str(worker), str(epoch)],
+            env={**os.environ, TOKEN_ENV: token},
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+        with trio.move_on_after(STARTUP_TIMEOUT) as scope:
+            stream, hello, decoder = await receive.receive()
+        if scope.cancelled_caught:
+            self._pending.pop((worker, epoch), None)
+            self._kill(process)
+            raise WorkerFailed(worker, f"did not connect within {STARTUP_TIMEOUT} s")
+        link = WorkerLink(worker, epoch, hello.pid, process, stream, decoder)
+        try:
+            await link.send(self.init)
+            await link.receive((Ready,))
+        except WorkerFailed:
+            self._kill(process)
+            raise
+        self.links[worker] = link
+        self._log.info("worker started", worker=worker, epoch=epoch, pid=hello.pid)
+        return link
+
+    async def start_all(self, workers: Iterable[int]) -> None:
+        async with trio.open_nursery() as nursery:
+            for worker in workers:
+                nursery.start_soon(self.start_worker, worker)
+
+    @staticmethod
+    def _kill(process: trio.Process) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop_all(self, grace: float = 2.0) -> None:
+        """Close every link (workers exit on EOF), then kill what is left."""
+        for link in self.links.values():
+            await link.stream.aclose()
+        with trio.move_on_after(grace):
+            for link in self.links.values():
+                await link.process.wait()
+        for link in self.links.values():
+            self._kill(link.process)
+            with trio.CancelScope(shield=True):
+                await link.process.wait()
+        self.links.clear()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -1,0 +1,255 @@
+"""The ``meshd`` command line: thin typer commands over the library.
+
+Precedence for every setting: flag > ``MESHD_*`` environment > ``meshd.toml``.
+Exit codes: 0 success (a clean SIGTERM/Ctrl-C stop included), 1 runtime
+failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import trio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meshd import _admin
+from meshd._config import Config, ConfigError, load_config
+from meshd._core import DB_NAME, SOCKET_NAME, StartupError, serve
+from meshd._logging import configure
+from meshd._plugin import PluginError
+from meshd._snapshot import world_hash
+from meshd._store import Store, StoreError
+from meshd._supervisor import WorkerFailed
+
+app = typer.Typer(
+    name="meshd",
+    help="Dynamic server meshing: one continuous world simulated by many worker processes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+inspect_app = typer.Typer(
+    help="Look at a running daemon through its admin socket (world also works offline).",
+    no_args_is_help=True,
+)
+app.add_typer(inspect_app, name="inspect")
+
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="MESHD_CONFIG", help="Config file [default: ./meshd.toml]."),
+]
+DataOption = Annotated[
+    Path | None,
+    typer.Option("--data", envvar="MESHD_DATA_DIR", help="Data folder (database, admin socket)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _config(config: Path | None, **overrides: Any) -> Config:
+    try:
+        return load_config(config, overrides=overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@app.command("serve")
+def serve_command(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(envvar="MESHD_MESH_WORKERS", help="Fixed worker count (static mesh)."),
+    ] = None,
+    ticks: Annotated[
+        int | None, typer.Option(min=0, help="Stop gracefully after this many more ticks.")
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(envvar="MESHD_TICK_RATE", help="Ticks per second; 0 = as fast as possible."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(envvar="MESHD_WORLD_SEED", help="World seed.")] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(envvar="MESHD_GATEWAY_LISTEN", help="Client gateway HOST:PORT."),
+    ] = None,
+    log_json: Annotated[
+        bool | None,
+        typer.Option("--log-json/--log-console", help="Log format [default: JSON unless a TTY]."),
+    ] = None,
+) -> None:
+    """Run the world: a core process and its worker processes."""
+    cfg = _config(
+        config,
+        **{
+            "data.dir": str(data) if data is not None else None,
+            "mesh.workers": workers,
+            "mesh.mode": "static" if workers is not None else None,
+            "tick.rate": rate,
+            "world.seed": seed,
+            "gateway.listen": listen,
+            "log.json": log_json,
+        },
+    )
+    configure(json=cfg.log.json, level=cfg.log.level)
+    try:
+        summary = trio.run(lambda: serve(cfg, ticks=ticks))
+    except (ConfigError, PluginError) as exc:
+        raise _fail(str(exc), 2) from None
+    except (StartupError, StoreError, WorkerFailed) as exc:
+        raise _fail(str(exc), 1) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted twice: stopped without writing the final tick", 1) from None
+    errors.print(
+        f"stopped at tick {summary.last_tick}; world hash {summary.hash[:16]}", highlight=False
+    )
+
+
+def _data_dir(config: Path | None, data: Path | None) -> Path:
+    return data if data is not None else _config(config).data_dir
+
+
+def _ask(config: Path | None, data: Path | None, request: _admin.AdminRequest) -> Any:
+    try:
+        return _admin.request(_data_dir(config, data) / SOCKET_NAME, request)
+    except _admin.AdminError as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def _table(rows: list[dict[str, Any]], title: str) -> None:
+    if not rows:
+        console.print(f"{title}: none")
+        return
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column, justify="right" if column != "partitions" else "left")
+    for row in rows:
+        table.add_row(*(_cell(value) for value in row.values()))
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list):
+        return " ".join(str(v) if not isinstance(v, float) else f"{v:g}" for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _pairs(value: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, item in value.items():
+        table.add_row(key, _cell(item))
+    console.print(table)
+
+
+@inspect_app.command("status")
+def inspect_status(config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False) -> None:
+    """Tick, entity and worker counts, tick times."""
+    result = _ask(config, data, _admin.AdminRequest("status"))
+    _print_json(result) if as_json else _pairs(result, "meshd status")
+
+
+@inspect_app.command("workers")
+def inspect_workers(config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False) -> None:
+    """Worker processes: pid, epoch, partitions, entities, cost."""
+    result = _ask(config, data, _admin.AdminRequest("workers"))
+    _print_json(result) if as_json else _table(result, "workers")
+
+
+@inspect_app.command("partitions")
+def inspect_partitions(config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False) -> None:
+    """Partitions (quadtree leaves): bounds, owner, entities, cost."""
+    result = _ask(config, data, _admin.AdminRequest("partitions"))
+    _print_json(result) if as_json else _table(result, "partitions")
+
+
+@inspect_app.command("entity")
+def inspect_entity(
+    entity_id: Annotated[int, typer.Argument(metavar="ID", help="Entity id.")],
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One entity: kind, position, owner and state."""
+    result = _ask(config, data, _admin.AdminRequest("entity", entity=entity_id))
+    _print_json(result) if as_json else _pairs(result, f"entity {entity_id}")
+
+
+def offline_world(data_dir: Path, with_hash: bool) -> dict[str, Any]:
+    """The ``world`` view read straight from the database (no daemon needed)."""
+    path = data_dir / DB_NAME
+    if not path.exists():
+        raise StoreError(f"no world database at {path}")
+    store = Store(path, readonly=True)
+    try:
+        meta = store.meta()
+        if not meta:
+            raise StoreError(f"{path} holds no world yet")
+        digest = world_hash(store.rows(), meta["next_id"], meta["events"]) if with_hash else None
+        return {"tick": meta["tick"], "entities": store.count(), "hash": digest, "offline": True}
+    finally:
+        store.close()
+
+
+@inspect_app.command("world")
+def inspect_world(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    with_hash: Annotated[bool, typer.Option("--hash", help="Compute the world hash.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Tick, entity count and world hash; read from the database when no daemon runs."""
+    data_dir = _data_dir(config, data)
+    request = _admin.AdminRequest("world", hash=with_hash)
+    try:
+        result = _admin.request(data_dir / SOCKET_NAME, request)
+    except _admin.AdminError as exc:
+        if (data_dir / SOCKET_NAME).exists() and "no meshd daemon" not in str(exc):
+            raise _fail(str(exc), 1) from None
+        try:
+            result = offline_world(data_dir, with_hash)
+        except StoreError as store_exc:
+            raise _fail(str(store_exc), 1) from None
+    _print_json(result) if as_json else _pairs(result, "world")
+
+
+@app.command("bench")
+def bench_command(
+    scenario: Annotated[str, typer.Argument(help="Scenario: sim.")],
+    as_json: JsonOption = False,
+    npcs: Annotated[int, typer.Option(help="Tavern NPCs.")] = 10_000,
+    ticks: Annotated[int, typer.Option(help="Ticks per run.")] = 200,
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per variant (medians reported).")] = 1,
+) -> None:
+    """Run a benchmark scenario end to end and print its measured figures."""
+    from meshd import _bench
+
+    if scenario != "sim":
+        raise _fail(f"unknown scenario {scenario!r}; available: sim", 2)
+    configure(json=True, level="warning")
+    result = _bench.bench_sim(npcs=npcs, ticks=ticks, repeat=repeat)
+    _print_json(result) if as_json else _pairs(result, "bench sim")
+
+
+def main() -> None:
+    app()

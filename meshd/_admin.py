@@ -73,15 +73,17 @@ def workers_view(core: Core) -> list[dict[str, Any]]:
     rows = []
     for worker, link in sorted(core.supervisor.links.items()):
         leaves = repl.layout.leaves_of(worker)
-        rows.append({
-            "id": worker,
-            "pid": link.pid,
-            "epoch": link.epoch,
-            "partitions": sorted_leaves(leaves),
-            "entities": sum(repl.counts.get(leaf, 0) for leaf in leaves),
-            "cost_ms": _round(sum(repl.cost_ms.get(leaf, 0.0) for leaf in leaves)),
-            "cpu_ms": _round(repl.worker_cpu_ms.get(worker, 0.0)),
-        })
+        rows.append(
+            {
+                "id": worker,
+                "pid": link.pid,
+                "epoch": link.epoch,
+                "partitions": sorted_leaves(leaves),
+                "entities": sum(repl.counts.get(leaf, 0) for leaf in leaves),
+                "cost_ms": _round(sum(repl.cost_ms.get(leaf, 0.0) for leaf in leaves)),
+                "cpu_ms": _round(repl.worker_cpu_ms.get(worker, 0.0)),
+            }
+        )
     return rows
 
 
@@ -172,7 +174,9 @@ async def _handle(core: Core, stream: trio.SocketStream) -> None:
             return
 
 
-async def serve_admin(core: Core, path: Path, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_admin(
+    core: Core, path: Path, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Listen on the admin socket until cancelled."""
     path.unlink(missing_ok=True)  # a stale socket from a killed core; we hold the lock
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -206,4 +210,3 @@ def request(path: Path, request: AdminRequest, timeout: float = 60.0) -> Any:
         raise AdminError(f"no meshd daemon is running here ({path}: {exc.strerror})") from None
     except TimeoutError:
         raise AdminError(f"the daemon at {path} did not answer within {timeout} s") from None
-

@@ -166,13 +166,17 @@ def _validate(config: Config) -> list[str]:
     need(mesh.workers >= 1, "mesh.workers", "a worker count >= 1", mesh.workers)
     need(
         mesh.grid >= 1 and mesh.grid & (mesh.grid - 1) == 0,
-        "mesh.grid", "a power of two (1, 2, 4, 8, ...)", mesh.grid,
+        "mesh.grid",
+        "a power of two (1, 2, 4, 8, ...)",
+        mesh.grid,
     )
     need(mesh.step_deadline > 0, "mesh.step_deadline", "seconds > 0", mesh.step_deadline)
     match = _LISTEN.match(config.gateway.listen)
     need(
         match is not None and 0 < int(match["port"]) < 65536,
-        "gateway.listen", "HOST:PORT such as 127.0.0.1:7777", config.gateway.listen,
+        "gateway.listen",
+        "HOST:PORT such as 127.0.0.1:7777",
+        config.gateway.listen,
     )
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
@@ -208,7 +212,8 @@ def load_config(
     if isinstance(plugins, dict):
         plugins = dict(plugins)
         settings = {
-            name: value for name, value in plugins.items()
+            name: value
+            for name, value in plugins.items()
             if name not in ("load", "dirs") and isinstance(value, dict)
         }
         for name in settings:

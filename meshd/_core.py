@@ -108,7 +108,9 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def load_or_create(store: Store, plugins: PluginSet, world: WorldParams) -> tuple[WorldSnapshot, bool]:
+def load_or_create(
+    store: Store, plugins: PluginSet, world: WorldParams
+) -> tuple[WorldSnapshot, bool]:
     """The stored world, or a freshly created one (``True`` when created)."""
     meta = store.meta()
     if not meta:
@@ -119,20 +121,30 @@ def load_or_create(store: Store, plugins: PluginSet, world: WorldParams) -> tupl
     for entity_id, kind, x, y, z, state in store.rows():
         codec = plugins.codecs.get(kind)
         if codec is None:
-            raise StartupError(f"stored entity {entity_id} has kind {kind!r}, which no plugin defines")
+            raise StartupError(
+                f"stored entity {entity_id} has kind {kind!r}, which no plugin defines"
+            )
         try:
             values = codec.from_dict(cbor2.loads(state), CONVERTER)
         except Exception as exc:
             raise StartupError(f"stored entity {entity_id} ({kind}) does not load: {exc}") from exc
         records.append([entity_id, kind, x, y, z, values])
-    return WorldSnapshot(meta["tick"], meta["seed"], meta["next_id"], records, meta["events"]), False
+    return WorldSnapshot(
+        meta["tick"], meta["seed"], meta["next_id"], records, meta["events"]
+    ), False
 
 
 class Core:
     """The running daemon's state, shared by the tick loop and the admin views."""
 
-    def __init__(self, config: Config, plugins: PluginSet, replication: Replication,
-                 supervisor: Supervisor, store: Store) -> None:
+    def __init__(
+        self,
+        config: Config,
+        plugins: PluginSet,
+        replication: Replication,
+        supervisor: Supervisor,
+        store: Store,
+    ) -> None:
         self.config = config
         self.plugins = plugins
         self.replication = replication
@@ -168,8 +180,12 @@ async def _persist_loop(core: Core, deltas: trio.MemoryReceiveChannel[Delta]) ->
                     break
                 except Exception as exc:
                     core.persist_failures += 1
-                    core.log.error("persist failed, retrying", tick=delta.tick, error=str(exc),
-                                   retry_in=backoff)
+                    core.log.error(
+                        "persist failed, retrying",
+                        tick=delta.tick,
+                        error=str(exc),
+                        retry_in=backoff,
+                    )
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, PERSIST_RETRY_MAX)
             core.persisted_tick = delta.tick
@@ -184,7 +200,9 @@ async def _watch_signals(core: Core) -> None:
             core.stop_requested = True
 
 
-async def _tick_loop(core: Core, ticks: int | None, persist: trio.MemorySendChannel[Delta]) -> RunSummary:
+async def _tick_loop(
+    core: Core, ticks: int | None, persist: trio.MemorySendChannel[Delta]
+) -> RunSummary:
     repl, links = core.replication, core.supervisor.links
     rate, persist_every = core.config.tick.rate, core.config.tick.persist_every
     deadline = core.config.mesh.step_deadline
@@ -208,8 +226,13 @@ async def _tick_loop(core: Core, ticks: int | None, persist: trio.MemorySendChan
                 replies.append(await links[worker].receive_reply(tick))
         report = repl.commit(tick, replies, checkpoint)
         for worker, entity_id, text in report.errors:
-            core.log.warning("plugin error, entity kept its previous state",
-                             tick=tick, entity=entity_id, worker=worker, error=text)
+            core.log.warning(
+                "plugin error, entity kept its previous state",
+                tick=tick,
+                entity=entity_id,
+                worker=worker,
+                error=text,
+            )
         elapsed = (time.perf_counter() - started) * 1000.0
         core.tick_ms.append(elapsed)
         tick_ms.append(elapsed)
@@ -273,8 +296,11 @@ async def serve(
     try:
         snapshot, created = load_or_create(store, plugins, world_params(config))
         if not created and snapshot.seed != config.world.seed:
-            log.warning("world.seed differs from the stored world's; keeping the stored seed",
-                        stored=snapshot.seed, configured=config.world.seed)
+            log.warning(
+                "world.seed differs from the stored world's; keeping the stored seed",
+                stored=snapshot.seed,
+                configured=config.world.seed,
+            )
         world = world_params(config, seed=snapshot.seed)
         if created:
             store.write(
@@ -303,8 +329,14 @@ async def serve(
                 services.start_soon(_watch_signals, core)
                 await services.start(serve_admin, core, data_dir / SOCKET_NAME)
                 await supervisor.start_all(layout.workers)
-                log.info("serving", workers=len(layout.workers), partitions=len(layout.owners),
-                         tick=replication.tick, rate=config.tick.rate, data=str(data_dir))
+                log.info(
+                    "serving",
+                    workers=len(layout.workers),
+                    partitions=len(layout.owners),
+                    tick=replication.tick,
+                    rate=config.tick.rate,
+                    data=str(data_dir),
+                )
                 task_status.started(core)
                 try:
                     summary = await _tick_loop(core, ticks, send_delta)
@@ -313,8 +345,12 @@ async def serve(
                         await supervisor.stop_all()
                 services.cancel_scope.cancel()
         summary.hash = replication.hash()
-        log.info("stopped", tick=replication.tick, persisted=core.persisted_tick,
-                 ticks=summary.last_tick - summary.first_tick + 1)
+        log.info(
+            "stopped",
+            tick=replication.tick,
+            persisted=core.persisted_tick,
+            ticks=summary.last_tick - summary.first_tick + 1,
+        )
         return summary
     finally:
         if supervisor is not None:

@@ -158,7 +158,9 @@ class Layout:
             "top": Rect(rect.x0 - h, rect.y1, rect.x1 + h, rect.y1 + h),
         }
         foreign = [r for other, r in self.rects.items() if self.owners[other] != owner]
-        exposed = {side for side, strip in strips.items() if any(strip.intersects(r) for r in foreign)}
+        exposed = {
+            side for side, strip in strips.items() if any(strip.intersects(r) for r in foreign)
+        }
         return Rect(
             rect.x0 + h if "left" in exposed else rect.x0,
             rect.y0 + h if "bottom" in exposed else rect.y0,

@@ -42,7 +42,7 @@ class TickRng(random.Random):
 
     _state: int
 
-    def seed(self, a: Any = None, version: int = 2) -> None:  # noqa: ARG002
+    def seed(self, a: Any = None, version: int = 2) -> None:
         self._state = int(a or 0) & _MASK64
 
     def _next64(self) -> int:
@@ -126,7 +126,9 @@ class SpatialIndex:
         else:
             bucket.append(view)
 
-    def query(self, x: float, y: float, radius: float, kind: str | None, exclude: int) -> list[View]:
+    def query(
+        self, x: float, y: float, radius: float, kind: str | None, exclude: int
+    ) -> list[View]:
         """Views within ``radius`` of (x, y), sorted by id."""
         cell, cells, r2 = self.cell, self.cells, radius * radius
         found: list[View] = []
@@ -234,8 +236,15 @@ class Context:
             raise TypeError(f"state of a {kind} must be a {codec.cls.__name__}")
         size = self.world_size
         self.spawns.append(
-            [me.id, self._spawned, kind, clamp(float(x), size), clamp(float(y), size),
-             float(z), codec.to_wire(state)]
+            [
+                me.id,
+                self._spawned,
+                kind,
+                clamp(float(x), size),
+                clamp(float(y), size),
+                float(z),
+                codec.to_wire(state),
+            ]
         )
         self._spawned += 1
 
@@ -290,6 +299,22 @@ def run_entity(
     return None
 
 
+def snapshot_views(
+    entities: Iterable[Entity], ghosts: Iterable[View], cell: float
+) -> tuple[dict[int, View], SpatialIndex]:
+    """The previous-tick views of owned entities, and an index over them and the ghosts."""
+    index = SpatialIndex(max(cell, 1e-6))
+    prev: dict[int, View] = {}
+    add = index.add
+    for entity in entities:
+        view = View(entity.id, entity.kind, entity.x, entity.y, entity.z, entity.state)
+        prev[entity.id] = view
+        add(view)
+    for view in ghosts:
+        add(view)
+    return prev, index
+
+
 def group_events(events: Iterable[Sequence[Any]]) -> dict[int, list[Event]]:
     """Events per target, each target's sorted by (sender, sequence)."""
     inbox: dict[int, list[Any]] = {}
@@ -318,8 +343,14 @@ class WorldBuilder:
         entity_id = len(self.records) + 1
         state = codec.cls() if state is None else state
         self.records.append(
-            [entity_id, kind, clamp(float(x), self.size), clamp(float(y), self.size),
-             float(z), codec.to_wire(state)]
+            [
+                entity_id,
+                kind,
+                clamp(float(x), self.size),
+                clamp(float(y), self.size),
+                float(z),
+                codec.to_wire(state),
+            ]
         )
         return entity_id
 
@@ -352,7 +383,11 @@ class WorkerSim:
 
     def record(self, entity: Entity) -> list[Any]:
         return [
-            entity.id, entity.kind, entity.x, entity.y, entity.z,
+            entity.id,
+            entity.kind,
+            entity.x,
+            entity.y,
+            entity.z,
             self.plugins.codecs[entity.kind].to_wire(entity.state),
         ]
 
@@ -403,15 +438,7 @@ class WorkerSim:
         assert layout is not None
         plugins = self.plugins
 
-        index = SpatialIndex(max(self.world.halo, 1e-6))
-        prev: dict[int, View] = {}
-        for entity in self.entities.values():
-            view = View(entity.id, entity.kind, entity.x, entity.y, entity.z, entity.state)
-            prev[entity.id] = view
-            index.add(view)
-        for view in self.ghosts.values():
-            index.add(view)
-
+        prev, index = snapshot_views(self.entities.values(), self.ghosts.values(), self.world.halo)
         ctx = Context(plugins, self.world, step.tick, index)
         inbox = group_events(step.events)
         handlers, systems, codecs = plugins.handlers, plugins.systems, plugins.codecs
@@ -428,8 +455,14 @@ class WorkerSim:
             for entity in members.values():
                 view = prev[entity.id]
                 error = run_entity(
-                    entity, view, ctx, inbox.get(entity.id, no_events), handlers,
-                    systems[entity.kind], codecs[entity.kind].cls, max_step[entity.kind],
+                    entity,
+                    view,
+                    ctx,
+                    inbox.get(entity.id, no_events),
+                    handlers,
+                    systems[entity.kind],
+                    codecs[entity.kind].cls,
+                    max_step[entity.kind],
                 )
                 if error is not None:
                     reply.errors.append([entity.id, error])

@@ -46,7 +46,9 @@ class Store:
         try:
             if readonly:
                 self.db = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                    f"file:{path}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
                     check_same_thread=False,
                 )
             else:

@@ -9,6 +9,7 @@ anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -119,17 +120,14 @@ class Supervisor:
     async def _greet(self, stream: trio.SocketStream) -> None:
         decoder = FrameDecoder(1 << 16)
         hello = None
-        with trio.move_on_after(STARTUP_TIMEOUT):
+        with trio.move_on_after(STARTUP_TIMEOUT), contextlib.suppress(WireError):
             while hello is None:
                 data = await stream.receive_some(1 << 16)
                 if not data:
                     break
                 decoder.feed(data)
                 for body in decoder.frames():
-                    try:
-                        hello = decode_message(body, (Hello,))
-                    except WireError:
-                        pass
+                    hello = decode_message(body, (Hello,))
                     break
         pending = self._pending.get((hello.worker, hello.epoch)) if hello else None
         if hello is None or pending is None or not secrets.compare_digest(pending[0], hello.token):
@@ -176,10 +174,8 @@ class Supervisor:
 
     @staticmethod
     def _kill(process: trio.Process) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     async def stop_all(self, grace: float = 2.0) -> None:
         """Close every link (workers exit on EOF), then kill what is left."""

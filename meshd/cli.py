@@ -43,7 +43,9 @@ errors = Console(stderr=True)
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="MESHD_CONFIG", help="Config file [default: ./meshd.toml]."),
+    typer.Option(
+        "--config", "-c", envvar="MESHD_CONFIG", help="Config file [default: ./meshd.toml]."
+    ),
 ]
 DataOption = Annotated[
     Path | None,
@@ -163,21 +165,27 @@ def _pairs(value: dict[str, Any], title: str) -> None:
 
 
 @inspect_app.command("status")
-def inspect_status(config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False) -> None:
+def inspect_status(
+    config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
+) -> None:
     """Tick, entity and worker counts, tick times."""
     result = _ask(config, data, _admin.AdminRequest("status"))
     _print_json(result) if as_json else _pairs(result, "meshd status")
 
 
 @inspect_app.command("workers")
-def inspect_workers(config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False) -> None:
+def inspect_workers(
+    config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
+) -> None:
     """Worker processes: pid, epoch, partitions, entities, cost."""
     result = _ask(config, data, _admin.AdminRequest("workers"))
     _print_json(result) if as_json else _table(result, "workers")
 
 
 @inspect_app.command("partitions")
-def inspect_partitions(config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False) -> None:
+def inspect_partitions(
+    config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
+) -> None:
     """Partitions (quadtree leaves): bounds, owner, entities, cost."""
     result = _ask(config, data, _admin.AdminRequest("partitions"))
     _print_json(result) if as_json else _table(result, "partitions")

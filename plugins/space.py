@@ -70,9 +70,12 @@ def ship(me: Entity, ctx: Context) -> None:
             target = min(targets, key=lambda t: ((t.x - me.x) ** 2 + (t.y - me.y) ** 2, t.id))
             angle = math.atan2(target.y - me.y, target.x - me.x)
             ctx.spawn(
-                "rocket", me.x, me.y,
+                "rocket",
+                me.x,
+                me.y,
                 state=Rocket(
-                    vx=math.cos(angle) * ROCKET_SPEED, vy=math.sin(angle) * ROCKET_SPEED,
+                    vx=math.cos(angle) * ROCKET_SPEED,
+                    vy=math.sin(angle) * ROCKET_SPEED,
                     shooter=me.id,
                 ),
             )
@@ -126,7 +129,9 @@ def create_world(world: WorldBuilder) -> None:
         angle = rng.uniform(0, math.tau)
         speed = rng.uniform(0.2, 1.0) * SHIP_SPEED
         world.spawn(
-            "ship", rng.uniform(0, world.size), rng.uniform(0, world.size),
+            "ship",
+            rng.uniform(0, world.size),
+            rng.uniform(0, world.size),
             state=Ship(vx=math.cos(angle) * speed, vy=math.sin(angle) * speed),
         )
 
@@ -135,8 +140,7 @@ plugin = Plugin(
     name="space",
     kinds={
         "ship": Kind(Ship, systems=(ship,), max_speed=SHIP_SPEED, radius=SCAN_RANGE),
-        "rocket": Kind(Rocket, systems=(rocket,), max_speed=ROCKET_SPEED,
-                       radius=ROCKET_HIT_RADIUS),
+        "rocket": Kind(Rocket, systems=(rocket,), max_speed=ROCKET_SPEED, radius=ROCKET_HIT_RADIUS),
     },
     events={"rocket_hit": on_rocket_hit},
     create_world=create_world,

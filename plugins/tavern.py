@@ -101,7 +101,9 @@ def patron(me: Entity, ctx: Context) -> None:
         target = rng.choice(neighbours)
         angle = math.atan2(target.y - me.y, target.x - me.x)
         ctx.spawn(
-            "bottle", me.x, me.y,
+            "bottle",
+            me.x,
+            me.y,
             state=Bottle(
                 vx=math.cos(angle) * BOTTLE_SPEED, vy=math.sin(angle) * BOTTLE_SPEED, thrower=me.id
             ),
@@ -117,9 +119,7 @@ def bottle(me: Entity, ctx: Context) -> None:
     x0, y0 = me.x, me.y
     x1, y1 = x0 + state.vx * ctx.dt, y0 + state.vy * ctx.dt
     half = math.hypot(x1 - x0, y1 - y0) / 2
-    candidates = ctx.nearby(
-        half + BOTTLE_HIT_RADIUS, "patron", x=(x0 + x1) / 2, y=(y0 + y1) / 2
-    )
+    candidates = ctx.nearby(half + BOTTLE_HIT_RADIUS, "patron", x=(x0 + x1) / 2, y=(y0 + y1) / 2)
     hit = _first_hit(x0, y0, x1, y1, candidates, state.thrower)
     if hit is not None:
         ctx.send(hit, "bottle_hit", {"bottle": me.id, "thrower": state.thrower})
@@ -154,7 +154,10 @@ def on_bottle_hit(me: Entity, event: Event, ctx: Context) -> None:
     state: Patron = me.state
     hp = state.hp - 1
     me.state = attrs.evolve(
-        state, hp=max(hp, 0), hits=state.hits + 1, anger=min(1.0, state.anger + 0.5),
+        state,
+        hp=max(hp, 0),
+        hits=state.hits + 1,
+        anger=min(1.0, state.anger + 0.5),
         knocked_out=40 if hp <= 0 and not state.knocked_out else state.knocked_out,
     )
     if hp <= 0 and state.has_mug:
@@ -178,8 +181,7 @@ plugin = Plugin(
     name="tavern",
     kinds={
         "patron": Kind(Patron, systems=(patron,), max_speed=PATRON_SPEED, radius=PERCEPTION),
-        "bottle": Kind(Bottle, systems=(bottle,), max_speed=BOTTLE_SPEED,
-                       radius=BOTTLE_HIT_RADIUS),
+        "bottle": Kind(Bottle, systems=(bottle,), max_speed=BOTTLE_SPEED, radius=BOTTLE_HIT_RADIUS),
         "mug": Kind(Mug),
     },
     events={"bottle_hit": on_bottle_hit},

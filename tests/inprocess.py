@@ -9,13 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshd._layout import Layout
-from meshd._messages import WorldParams
+from meshd._messages import Reply, Step, WorldParams
 from meshd._plugin import PluginSet, load_plugins
 from meshd._replication import Replication
 from meshd._sim import WorkerSim, create_world
 from meshd._snapshot import WorldSnapshot
 from meshd._wire import CONVERTER, decode_message, encode_message
-from meshd._messages import Reply, Step
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
 
@@ -26,13 +25,21 @@ def plugins_for(name: str, **settings) -> PluginSet:
 
 def new_world(plugins: PluginSet, world: WorldParams) -> WorldSnapshot:
     records = create_world(plugins, world)
-    return WorldSnapshot(tick=0, seed=world.seed, next_id=len(records) + 1, records=records,
-                         events=[])
+    return WorldSnapshot(
+        tick=0, seed=world.seed, next_id=len(records) + 1, records=records, events=[]
+    )
 
 
 class InProcessMesh:
-    def __init__(self, plugins: PluginSet, world: WorldParams, layout: Layout,
-                 snapshot: WorldSnapshot, *, through_wire: bool = True) -> None:
+    def __init__(
+        self,
+        plugins: PluginSet,
+        world: WorldParams,
+        layout: Layout,
+        snapshot: WorldSnapshot,
+        *,
+        through_wire: bool = True,
+    ) -> None:
         self.replication = Replication(plugins, world, layout, snapshot)
         self.sims = {w: WorkerSim(w, 1, plugins, world) for w in layout.workers}
         self.through_wire = through_wire
@@ -56,5 +63,7 @@ class InProcessMesh:
         reports = []
         for i in range(ticks):
             last = i == ticks - 1
-            reports.append(self.tick(checkpoint=last or (self.replication.tick + 1) % persist_every == 0))
+            reports.append(
+                self.tick(checkpoint=last or (self.replication.tick + 1) % persist_every == 0)
+            )
         return reports

@@ -1,0 +1,133 @@
+"""Benchmarks: the mesh measured against a bare single-process loop, side by side.
+
+``bench_sim`` runs the tavern world three ways in one process tree, on the
+same machine at the same time of day: a bare loop (the same plugin systems,
+no mesh, no sockets, no persistence), then ``serve`` with one and with two
+worker processes. It also checks that all three end in the same world.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshd._config import Config, load_config
+from meshd._core import load_plugin_set, percentile, serve, world_params
+from meshd._messages import WorldParams
+from meshd._plugin import PluginSet
+from meshd._sim import Context, Entity, create_world, group_events, run_entity, snapshot_views
+from meshd._snapshot import to_row, world_hash
+
+REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+
+
+def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float, int, str]:
+    """Run the plugin systems with nothing around them; (seconds, entity-ticks, world hash)."""
+    records = create_world(plugins, world)
+    codecs = plugins.codecs
+    entities = {
+        r[0]: Entity(r[0], r[1], r[2], r[3], r[4], codecs[r[1]].from_wire(r[5])) for r in records
+    }
+    next_id, events = len(records) + 1, []
+    handlers, systems = plugins.handlers, plugins.systems
+    entity_ticks = 0
+    started = time.perf_counter()
+    for tick in range(1, ticks + 1):
+        prev, index = snapshot_views(entities.values(), (), world.halo)
+        ctx = Context(plugins, world, tick, index)
+        inbox = group_events(events)
+        for entity in entities.values():
+            run_entity(
+                entity,
+                prev[entity.id],
+                ctx,
+                inbox.get(entity.id, ()),
+                handlers,
+                systems[entity.kind],
+                codecs[entity.kind].cls,
+                ctx.max_step[entity.kind],
+            )
+        entity_ticks += len(entities)
+        for entity_id in ctx.despawned:
+            del entities[entity_id]
+        for _parent, _seq, kind, x, y, z, state in sorted(ctx.spawns, key=lambda s: s[:2]):
+            entities[next_id] = Entity(next_id, kind, x, y, z, codecs[kind].from_wire(state))
+            next_id += 1
+        events = [e for e in ctx.events if e[0] in entities]
+    seconds = time.perf_counter() - started
+    schema = plugins.schema()
+    rows = (
+        to_row([e.id, e.kind, e.x, e.y, e.z, codecs[e.kind].to_wire(e.state)], schema)
+        for e in sorted(entities.values(), key=lambda e: e.id)
+    )
+    return seconds, entity_ticks, world_hash(rows, next_id, events)
+
+
+def _sim_config(npcs: int, workers: int, data_dir: Path) -> Config:
+    """The tavern at constant density (2,000 NPCs per 400 m square), as fast as possible."""
+    return load_config(
+        None,
+        environ={},
+        overrides={
+            "world.size": 400.0 * math.sqrt(max(npcs, 1) / 2000.0),
+            "world.seed": 7,
+            "tick.rate": 0.0,
+            "mesh.workers": workers,
+            "data.dir": str(data_dir),
+            "log.level": "warning",
+            "plugins.load": ["tavern"],
+            "plugins.dirs": [str(REPO_PLUGINS)],
+            "plugins.tavern": {"npcs": npcs},
+        },
+    )
+
+
+def bench_sim(npcs: int = 10_000, ticks: int = 200, repeat: int = 1) -> dict[str, Any]:
+    """Entity updates per second: bare loop, 1 worker, 2 workers; medians over ``repeat`` runs."""
+    bare_rates: list[float] = []
+    mesh_rates: dict[int, list[float]] = {1: [], 2: []}
+    tick_ms: dict[int, list[float]] = {1: [], 2: []}
+    hashes = set()
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+            config = _sim_config(npcs, 1, Path(tmp))
+            seconds, entity_ticks, digest = bare_loop(
+                load_plugin_set(config), world_params(config), ticks
+            )
+            bare_rates.append(entity_ticks / seconds)
+            hashes.add(digest)
+            for workers in (1, 2):
+                config = _sim_config(npcs, workers, Path(tmp) / f"{workers}w")
+                summary = trio.run(lambda config=config: serve(config, ticks=ticks))
+                mesh_rates[workers].append(summary.entity_ticks / summary.loop_seconds)
+                tick_ms[workers].extend(summary.tick_ms)
+                hashes.add(summary.hash)
+    bare = statistics.median(bare_rates)
+    one, two = statistics.median(mesh_rates[1]), statistics.median(mesh_rates[2])
+    return {
+        "entities": npcs,
+        "ticks": ticks,
+        "runs": repeat,
+        "bare_updates_per_s": round(bare),
+        "updates_per_s_1w": round(one),
+        "updates_per_s_2w": round(two),
+        "ratio_1w": round(one / bare, 3),
+        "ratio_2w": round(two / bare, 3),
+        "tick_ms_1w": _percentiles(tick_ms[1]),
+        "tick_ms_2w": _percentiles(tick_ms[2]),
+        "same_world": len(hashes) == 1,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50": round(percentile(values, 50), 2), "p99": round(percentile(values, 99), 2)}

@@ -8,6 +8,7 @@ worker processes. It also checks that all three end in the same world.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -23,7 +24,15 @@ from meshd._config import Config, load_config
 from meshd._core import load_plugin_set, percentile, serve, world_params
 from meshd._messages import WorldParams
 from meshd._plugin import PluginSet
-from meshd._sim import Context, Entity, create_world, group_events, run_entity, snapshot_views
+from meshd._sim import (
+    Context,
+    Entity,
+    collect_between_ticks,
+    create_world,
+    group_events,
+    run_entity,
+    snapshot_views,
+)
 from meshd._snapshot import to_row, world_hash
 
 REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
@@ -39,6 +48,7 @@ def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float
     next_id, events = len(records) + 1, []
     handlers, systems = plugins.handlers, plugins.systems
     entity_ticks = 0
+    gc.disable()  # the same collection policy as a worker process
     started = time.perf_counter()
     for tick in range(1, ticks + 1):
         prev, index = snapshot_views(entities.values(), (), world.halo)
@@ -62,7 +72,9 @@ def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float
             entities[next_id] = Entity(next_id, kind, x, y, z, codecs[kind].from_wire(state))
             next_id += 1
         events = [e for e in ctx.events if e[0] in entities]
+        collect_between_ticks(tick)
     seconds = time.perf_counter() - started
+    gc.enable()
     schema = plugins.schema()
     rows = (
         to_row([e.id, e.kind, e.x, e.y, e.z, codecs[e.kind].to_wire(e.state)], schema)

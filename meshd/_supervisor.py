@@ -62,13 +62,14 @@ class WorkerLink:
     async def receive(self, accepted: Iterable[type]) -> Any:
         accepted = (*accepted, Fatal)
         while True:
-            for body in self.decoder.frames():
-                try:
-                    message = decode_message(body, accepted)
-                except WireError as exc:
-                    raise WorkerFailed(self.worker, f"sent a bad frame: {exc}") from None
-                if isinstance(message, Fatal):
-                    raise WorkerFailed(self.worker, message.message)
+            try:
+                body = next(self.decoder.frames(), None)
+                message = None if body is None else decode_message(body, accepted)
+            except WireError as exc:
+                raise WorkerFailed(self.worker, f"sent a bad frame: {exc}") from None
+            if isinstance(message, Fatal):
+                raise WorkerFailed(self.worker, message.message)
+            if message is not None:
                 return message
             try:
                 data = await self.stream.receive_some(1 << 20)
@@ -156,6 +157,7 @@ class Supervisor:
             self._pending.pop((worker, epoch), None)
             self._kill(process)
             raise WorkerFailed(worker, f"did not connect within {STARTUP_TIMEOUT} s")
+        decoder.max_frame = WORKER_FRAME_CAP
         link = WorkerLink(worker, epoch, hello.pid, process, stream, decoder)
         try:
             await link.send(self.init)

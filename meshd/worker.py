@@ -10,6 +10,7 @@ its core, even one killed with SIGKILL.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from meshd._messages import Fatal, Hello, Init, Ready, Step
 from meshd._plugin import PluginError, load_plugins
-from meshd._sim import WorkerSim
+from meshd._sim import WorkerSim, collect_between_ticks
 from meshd._wire import CONVERTER, HEADER, decode_message, encode_message, frame
 
 TOKEN_ENV = "MESHD_WORKER_TOKEN"
@@ -63,12 +64,15 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
         return 1
     sim = WorkerSim(worker, epoch, plugins, init.world)
     send(frame(encode_message(Ready(worker=worker))))
+    gc.disable()
     while True:
         message = _receive(sock, (Step,))
         if isinstance(message, Fatal):
             return 0
         assert isinstance(message, Step)
         send(frame(encode_message(sim.step(message))))
+        # While the core commits this tick, we are idle: collect now.
+        collect_between_ticks(message.tick)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from meshd._replication import Replication
 from meshd._sim import create_world
 from meshd._snapshot import Delta, WorldSnapshot
 from meshd._store import Store
-from meshd._supervisor import Supervisor
+from meshd._supervisor import Supervisor, WorkerFailed
 from meshd._wire import CONVERTER
 
 DB_NAME = "world.db"
@@ -221,9 +221,12 @@ async def _tick_loop(
             step.epoch = links[worker].epoch
             await links[worker].send(step)
         replies = []
-        with trio.fail_after(deadline):
+        with trio.move_on_after(deadline):
             for worker in steps:
                 replies.append(await links[worker].receive_reply(tick))
+        if len(replies) < len(steps):
+            late = list(steps)[len(replies)]
+            raise WorkerFailed(late, f"missed the {deadline} s step deadline for tick {tick}")
         report = repl.commit(tick, replies, checkpoint)
         for worker, entity_id, text in report.errors:
             core.log.warning(

@@ -42,6 +42,21 @@ def make_converter() -> cattrs.Converter:
         return value
 
     converter.register_structure_hook(Bulk, structure_bulk)
+
+    # cattrs would coerce (str(3) == "3", int("7") == 7); received data must
+    # already have the declared type.
+    def exact(kind: type, accepted: tuple[type, ...]) -> None:
+        def structure(value: Any, _type: Any) -> Any:
+            if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+                raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+            return kind(value)
+
+        converter.register_structure_hook(kind, structure)
+
+    exact(str, (str,))
+    exact(int, (int,))
+    exact(float, (float, int))
+    exact(bool, (bool,))
     return converter
 
 

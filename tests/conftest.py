@@ -1,0 +1,119 @@
+"""Shared helpers: run the real ``meshd`` command against throwaway data folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGINS = REPO / "plugins"
+
+TAVERN = {
+    "world": {"size": 160.0, "halo": 5.0},
+    "plugins": {
+        "load": ["tavern"],
+        "tavern": {"npcs": 300, "throw_chance": 0.05, "drop_chance": 0.01},
+    },
+}
+SPACE = {
+    "world": {"size": 2000.0, "halo": 320.0},
+    "mesh": {"grid": 8},
+    "plugins": {"load": ["space"], "space": {"ships": 80, "fire_chance": 0.05}},
+}
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value)  # JSON scalars and lists are valid TOML values
+
+
+def write_config(folder: Path, world: dict[str, Any], name: str = "meshd.toml") -> Path:
+    """Write a meshd.toml from nested dicts; data goes to ``folder/data``."""
+    sections = {key: dict(value) for key, value in world.items()}
+    sections.setdefault("data", {}).setdefault("dir", str(folder / "data"))
+    sections.setdefault("plugins", {}).setdefault("dirs", [str(PLUGINS)])
+    lines = []
+    for section, table in sections.items():
+        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in nested]
+        for sub, subtable in nested.items():
+            lines.append(f"[{section}.{sub}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in subtable.items()]
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def meshd(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m meshd ARGS`` to completion."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "meshd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"meshd {' '.join(args)} exited {result.returncode}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def meshd_json(*args: str, timeout: float = 120) -> Any:
+    return json.loads(meshd(*args, "--json", timeout=timeout).stdout)
+
+
+def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshd", "serve", "--config", str(config), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for_status(config: Path, predicate=lambda s: s["tick"] > 0, timeout: float = 60) -> Any:
+    """Poll ``inspect status`` until ``predicate`` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = meshd("inspect", "status", "--config", str(config), "--json", check=False)
+        if result.returncode == 0:
+            status = json.loads(result.stdout)
+            if predicate(status):
+                return status
+        time.sleep(0.2)
+    raise AssertionError("the daemon never reached the expected status")
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (exited, or a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if not process_gone(pid)]
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.fixture
+def tavern_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, TAVERN)

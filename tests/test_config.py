@@ -1,0 +1,76 @@
+"""Configuration precedence and error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshd._config import ConfigError, load_config
+from meshd._core import load_plugin_set
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "meshd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[world]\nseed = 1\nsize = 300.0\n[tick]\nrate = 5.0\n")
+    config = load_config(
+        path,
+        environ={
+            "MESHD_WORLD_SEED": "2",
+            "MESHD_TICK_RATE": "9",
+            "MESHD_GATEWAY_LISTEN": "127.0.0.1:9000",
+            "MESHD_UNRELATED": "x",
+        },
+        overrides={"world.seed": 3, "tick.rate": None},
+    )
+    assert config.world.seed == 3  # flag
+    assert config.tick.rate == 9.0  # environment
+    assert config.world.size == 300.0  # file
+    assert config.gateway.listen == "127.0.0.1:9000"
+    assert config.mesh.workers == 2  # default
+
+
+def test_plugin_tables_become_plugin_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, '[plugins]\nload = ["tavern"]\n[plugins.tavern]\nnpcs = 12\n')
+    config = load_config(path, environ={})
+    assert config.plugins.settings == {"tavern": {"npcs": 12}}
+    assert config.plugin_dirs == [(tmp_path / "plugins").resolve()]
+
+
+def test_the_shipped_config_is_valid() -> None:
+    config = load_config(REPO / "meshd.toml", environ={})
+    assert config.plugins.load == ["tavern"]
+    assert load_plugin_set(config).kinds.keys() == {"patron", "bottle", "mug"}
+    load_plugin_set(load_config(REPO / "examples" / "space.toml", environ={}))
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "expected"),
+    [
+        ("[world]\nsize = -1.0\n", {}, "world.size: expected a size in metres > 0"),
+        ("[world]\nseed = 'x'\n", {}, "world.seed"),
+        ("[mesh]\ngrid = 3\n", {}, "mesh.grid: expected a power of two"),
+        ("[tick]\npersist_every = 0\n", {}, "tick.persist_every"),
+        ("[world]\nsizee = 1.0\n", {}, "extra fields found (sizee)"),
+        ("[data]\nsynchronous = 'sometimes'\n", {}, "data.synchronous"),
+        ("", {"MESHD_GATEWAY_LISTEN": "nope"}, "gateway.listen: expected HOST:PORT"),
+        ("", {"MESHD_MESH_WORKERS": "zero"}, "mesh.workers"),
+        ("[world\n", {}, "not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, environ: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ=environ)
+    assert expected in str(caught.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml", environ={})

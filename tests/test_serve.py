@@ -1,0 +1,208 @@
+"""End to end, with real core and worker processes, sockets and SQLite."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from pathlib import Path
+
+import cbor2
+import pytest
+from conftest import (
+    SPACE,
+    TAVERN,
+    meshd,
+    meshd_json,
+    start_daemon,
+    wait_for_status,
+    wait_gone,
+    write_config,
+)
+
+from meshd._layout import Layout
+
+
+def run_world(folder: Path, world: dict, *args: str) -> dict:
+    """Serve a fresh copy of ``world`` in ``folder`` and return its offline world view."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(folder, world)
+    meshd("serve", "--config", str(config), "--rate", "0", "--seed", "7", *args)
+    return meshd_json("inspect", "world", "--config", str(config), "--hash")
+
+
+@pytest.mark.parametrize("world", [TAVERN, SPACE], ids=["tavern", "space"])
+def test_same_world_with_1_and_4_workers(tmp_path: Path, world: dict) -> None:
+    one = run_world(tmp_path / "one", world, "--workers", "1", "--ticks", "200")
+    four = run_world(tmp_path / "four", world, "--workers", "4", "--ticks", "200")
+    assert one["tick"] == four["tick"] == 200
+    assert one["entities"] == four["entities"]
+    assert one["hash"] == four["hash"]
+
+
+def test_restart_continues_the_same_world(tmp_path: Path) -> None:
+    straight = run_world(tmp_path / "straight", TAVERN, "--workers", "2", "--ticks", "300")
+    config = write_config(tmp_path, TAVERN)
+    meshd(
+        "serve",
+        "--config",
+        str(config),
+        "--rate",
+        "0",
+        "--seed",
+        "7",
+        "--workers",
+        "2",
+        "--ticks",
+        "200",
+    )
+    assert meshd_json("inspect", "world", "--config", str(config))["tick"] == 200
+    meshd(
+        "serve",
+        "--config",
+        str(config),
+        "--rate",
+        "0",
+        "--seed",
+        "7",
+        "--workers",
+        "3",
+        "--ticks",
+        "100",
+    )
+    resumed = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    assert resumed["tick"] == straight["tick"] == 300
+    assert resumed["hash"] == straight["hash"]
+
+
+def _stored(config_dir: Path, kind: str) -> dict[int, tuple[float, float, dict]]:
+    with sqlite3.connect(config_dir / "data" / "world.db") as db:
+        rows = db.execute("SELECT id, x, y, state FROM entity WHERE kind = ?", (kind,))
+        return {i: (x, y, cbor2.loads(state)) for i, x, y, state in rows}
+
+
+def test_rocket_crossing_three_workers_hits_once(tmp_path: Path) -> None:
+    duel = {
+        **SPACE,
+        "mesh": {"grid": 4},
+        "plugins": {"load": ["space"], "space": {"scenario": "duel", "fire_chance": 0.0}},
+    }
+    layout = Layout.grid(2000.0, 320.0, 4, 3)
+    # The rocket starts on worker 0, flies through worker 1 and hits a ship on worker 2.
+    assert [layout.owner_of(x, 1000.0) for x in (800.0, 1100.0, 1400.0, 1650.0)] == [0, 1, 1, 2]
+    run_world(tmp_path, duel, "--workers", "3", "--ticks", "12")
+    ships = _stored(tmp_path, "ship")
+    assert ships[1][2]["hits"] == 0
+    assert ships[2][2]["hits"] == 1
+    assert ships[2][2]["hp"] == 9
+    assert _stored(tmp_path, "rocket") == {}
+
+
+def test_dropped_mugs_stay_put_across_restarts(tmp_path: Path) -> None:
+    config = write_config(tmp_path, TAVERN)
+    meshd("serve", "--config", str(config), "--rate", "0", "--workers", "2", "--ticks", "100")
+    before = _stored(tmp_path, "mug")
+    assert len(before) > 10
+    meshd("serve", "--config", str(config), "--rate", "0", "--workers", "3", "--ticks", "60")
+    after = _stored(tmp_path, "mug")
+    assert len(after) > len(before)
+    for mug_id, (x, y, state) in before.items():
+        assert after[mug_id] == (x, y, state)
+
+
+def _workers(config: Path) -> list[dict]:
+    return meshd_json("inspect", "workers", "--config", str(config))
+
+
+def test_sigterm_writes_final_tick_and_leaves_no_orphans(tavern_config: Path) -> None:
+    daemon = start_daemon(tavern_config, "--workers", "2", "--rate", "50")
+    try:
+        wait_for_status(tavern_config, lambda s: s["tick"] >= 5)
+        pids = [w["pid"] for w in _workers(tavern_config)]
+        assert len(pids) == 2
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+    finally:
+        daemon.kill()
+    assert wait_gone(pids) == []
+    world = meshd_json("inspect", "world", "--config", str(tavern_config))
+    assert world["offline"] and world["tick"] >= 5
+
+
+def test_kill_9_of_the_core_leaves_no_orphans(tavern_config: Path) -> None:
+    daemon = start_daemon(tavern_config, "--workers", "3", "--rate", "50")
+    try:
+        wait_for_status(tavern_config, lambda s: s["tick"] >= 3)
+        pids = [w["pid"] for w in _workers(tavern_config)]
+        assert len(pids) == 3
+        daemon.kill()
+        daemon.wait(timeout=10)
+    finally:
+        daemon.kill()
+    assert wait_gone(pids) == []
+    # The stale socket and lock of the killed core do not block a restart.
+    meshd("serve", "--config", str(tavern_config), "--rate", "0", "--ticks", "5")
+
+
+def test_inspect_views_have_the_contract_keys(tavern_config: Path) -> None:
+    daemon = start_daemon(tavern_config, "--workers", "2", "--rate", "50")
+    try:
+        status = wait_for_status(tavern_config, lambda s: s["tick"] >= 3)
+        assert {"tick", "entities", "workers", "failovers", "rate_hz", "tick_ms"} <= set(status)
+        assert {"p50", "p99"} <= set(status["tick_ms"])
+        assert status["workers"] == 2 and status["entities"] >= 300
+        workers = _workers(tavern_config)
+        for worker in workers:
+            assert {"id", "pid", "epoch", "partitions", "entities", "cost_ms"} <= set(worker)
+        assert sorted(w["id"] for w in workers) == [0, 1]
+        assert all(w["entities"] > 0 and w["epoch"] == 1 for w in workers)
+        partitions = meshd_json("inspect", "partitions", "--config", str(tavern_config))
+        assert len(partitions) == 16
+        for leaf in partitions:
+            assert {"id", "bounds", "worker", "entities", "cost_ms"} <= set(leaf)
+        entity = meshd_json("inspect", "entity", "1", "--config", str(tavern_config))
+        assert {"id", "kind", "x", "y", "owner", "state"} <= set(entity)
+        assert entity["kind"] == "patron" and "anger" in entity["state"]
+        world = meshd_json("inspect", "world", "--hash", "--config", str(tavern_config))
+        assert {"tick", "entities", "hash"} <= set(world) and len(world["hash"]) == 64
+        missing = meshd(
+            "inspect", "entity", "999999", "--config", str(tavern_config), "--json", check=False
+        )
+        assert missing.returncode == 1 and "no entity 999999" in missing.stderr
+        human = meshd("inspect", "status", "--config", str(tavern_config))
+        assert "tick" in human.stdout
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def test_second_core_on_the_same_data_refuses(tavern_config: Path) -> None:
+    daemon = start_daemon(tavern_config, "--workers", "1", "--rate", "20")
+    try:
+        wait_for_status(tavern_config)
+        second = meshd("serve", "--config", str(tavern_config), "--ticks", "1", check=False)
+        assert second.returncode == 1
+        assert "another meshd is already serving" in second.stderr
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def test_inspect_without_daemon_or_database_fails_clearly(tmp_path: Path) -> None:
+    result = meshd("inspect", "status", "--data", str(tmp_path), check=False)
+    assert result.returncode == 1 and "no meshd daemon" in result.stderr
+    result = meshd("inspect", "world", "--data", str(tmp_path), check=False)
+    assert result.returncode == 1 and "no world database" in result.stderr
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"world": {"size": -5.0}})
+    result = meshd("serve", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert "world.size" in result.stderr
+
+
+def test_halo_too_small_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {**SPACE, "world": {"size": 2000.0, "halo": 50.0}})
+    result = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
+    assert result.returncode == 2
+    assert "world.halo" in result.stderr and "rocket" in result.stderr

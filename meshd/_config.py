@@ -1,7 +1,7 @@
 """Configuration: ``meshd.toml``, overridden by ``MESHD_*`` variables, overridden by flags.
 
 Every setting lives at ``section.key``; its environment variable is
-``MESHD_SECTION_KEY`` (for example ``MESHD_WORLD_SEED``, ``MESHD_GATEWAY_LISTEN``).
+``MESHD_SECTION_KEY`` (for example ``MESHD_WORLD_SEED``, ``MESHD_TICK_RATE``).
 Environment values are read as TOML values when they parse as one
 (``7``, ``0.5``, ``true``, ``["a", "b"]``) and as plain strings otherwise.
 Any bad value stops startup with a :class:`ConfigError` naming the key and
@@ -11,7 +11,6 @@ the expected form.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,15 +50,9 @@ class DataConfig:
 
 @attrs.frozen
 class MeshConfig:
-    mode: Literal["static", "dynamic"] = "static"
     workers: int = 2
     grid: int = 4
     step_deadline: float = 10.0
-
-
-@attrs.frozen
-class GatewayConfig:
-    listen: str = "127.0.0.1:7777"
 
 
 @attrs.frozen
@@ -81,7 +74,6 @@ class Config:
     tick: TickConfig = TickConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
-    gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
     plugins: PluginsConfig = PluginsConfig()
     base_dir: str = "."
@@ -101,7 +93,6 @@ _SECTIONS: dict[str, type] = {
     for field in attrs.fields(Config)
     if field.name != "base_dir"
 }
-_LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
 
 def _resolve_section(name: str) -> type:
@@ -171,13 +162,6 @@ def _validate(config: Config) -> list[str]:
         mesh.grid,
     )
     need(mesh.step_deadline > 0, "mesh.step_deadline", "seconds > 0", mesh.step_deadline)
-    match = _LISTEN.match(config.gateway.listen)
-    need(
-        match is not None and 0 < int(match["port"]) < 65536,
-        "gateway.listen",
-        "HOST:PORT such as 127.0.0.1:7777",
-        config.gateway.listen,
-    )
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
 

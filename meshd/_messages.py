@@ -60,7 +60,7 @@ class Step:
     """Core -> worker: simulate tick ``tick``.
 
     Applied in this order: new layout, ghost removals, ghost upserts,
-    releases, acquisitions, then events are delivered during the tick.
+    acquisitions, then events are delivered during the tick.
     With ``checkpoint`` the reply carries every entity changed since the last
     checkpoint, so the core then holds the whole world at ``tick``.
     """
@@ -70,7 +70,6 @@ class Step:
     layout: dict[str, int] | None = None
     ghost_remove: Bulk = attrs.field(factory=list)
     ghost_upsert: Bulk = attrs.field(factory=list)
-    release: Bulk = attrs.field(factory=list)
     acquire: Bulk = attrs.field(factory=list)
     events: Bulk = attrs.field(factory=list)
     checkpoint: bool = False
@@ -96,7 +95,6 @@ class Reply:
     spawns: Bulk = attrs.field(factory=list)
     events: Bulk = attrs.field(factory=list)
     dirty: Bulk = attrs.field(factory=list)
-    released: Bulk = attrs.field(factory=list)
     errors: Bulk = attrs.field(factory=list)
     counts: dict[str, int] = attrs.field(factory=dict)
     cost_ms: dict[str, float] = attrs.field(factory=dict)

@@ -33,7 +33,6 @@ class Outbox:
 
     ghost_remove: list[int] = attrs.field(factory=list)
     ghost_upsert: list[list[Any]] = attrs.field(factory=list)
-    release: list[int] = attrs.field(factory=list)
     acquire: list[list[Any]] = attrs.field(factory=list)
     events: list[list[Any]] = attrs.field(factory=list)
 
@@ -96,7 +95,6 @@ class Replication:
                 layout=self.layout.to_wire() if worker in self.layout_pending else None,
                 ghost_remove=box.ghost_remove,  # type: ignore[arg-type]
                 ghost_upsert=box.ghost_upsert,  # type: ignore[arg-type]
-                release=box.release,  # type: ignore[arg-type]
                 acquire=box.acquire,  # type: ignore[arg-type]
                 events=box.events,  # type: ignore[arg-type]
                 checkpoint=checkpoint,

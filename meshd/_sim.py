@@ -417,7 +417,7 @@ class WorkerSim:
         for entity in self.entities.values():
             self.members[layout.partition_of(entity.x, entity.y)][entity.id] = entity
 
-    def _apply_inbound(self, step: Step, reply: Reply) -> None:
+    def _apply_inbound(self, step: Step) -> None:
         if step.layout is not None:
             self._set_layout(step.layout)
         layout = self.layout
@@ -427,12 +427,6 @@ class WorkerSim:
             self.ghosts.pop(entity_id, None)
         for record in step.ghost_upsert:
             self.ghosts[record[0]] = self._view(record)
-        for entity_id in step.release:
-            entity = self.entities.pop(entity_id)
-            del self.members[layout.partition_of(entity.x, entity.y)][entity_id]
-            self.targets.pop(entity_id, None)
-            self.dirty.discard(entity_id)
-            reply.released.append(self.record(entity))
         for record, targets in step.acquire:
             entity = self._entity(record)
             self.entities[entity.id] = entity
@@ -445,7 +439,7 @@ class WorkerSim:
         """Simulate tick ``step.tick`` for the owned entities."""
         started_cpu = time.process_time()
         reply = Reply(tick=step.tick, worker=self.worker, epoch=self.epoch)
-        self._apply_inbound(step, reply)
+        self._apply_inbound(step)
         layout = self.layout
         assert layout is not None
         plugins = self.plugins

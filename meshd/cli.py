@@ -82,10 +82,6 @@ def serve_command(
         typer.Option(envvar="MESHD_TICK_RATE", help="Ticks per second; 0 = as fast as possible."),
     ] = None,
     seed: Annotated[int | None, typer.Option(envvar="MESHD_WORLD_SEED", help="World seed.")] = None,
-    listen: Annotated[
-        str | None,
-        typer.Option(envvar="MESHD_GATEWAY_LISTEN", help="Client gateway HOST:PORT."),
-    ] = None,
     log_json: Annotated[
         bool | None,
         typer.Option("--log-json/--log-console", help="Log format [default: JSON unless a TTY]."),
@@ -97,10 +93,8 @@ def serve_command(
         **{
             "data.dir": str(data) if data is not None else None,
             "mesh.workers": workers,
-            "mesh.mode": "static" if workers is not None else None,
             "tick.rate": rate,
             "world.seed": seed,
-            "gateway.listen": listen,
             "log.json": log_json,
         },
     )

@@ -25,7 +25,7 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         environ={
             "MESHD_WORLD_SEED": "2",
             "MESHD_TICK_RATE": "9",
-            "MESHD_GATEWAY_LISTEN": "127.0.0.1:9000",
+            "MESHD_DATA_DIR": "/srv/w",
             "MESHD_UNRELATED": "x",
         },
         overrides={"world.seed": 3, "tick.rate": None},
@@ -33,7 +33,7 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
     assert config.world.seed == 3  # flag
     assert config.tick.rate == 9.0  # environment
     assert config.world.size == 300.0  # file
-    assert config.gateway.listen == "127.0.0.1:9000"
+    assert config.data_dir == Path("/srv/w")
     assert config.mesh.workers == 2  # default
 
 
@@ -60,7 +60,7 @@ def test_the_shipped_config_is_valid() -> None:
         ("[tick]\npersist_every = 0\n", {}, "tick.persist_every"),
         ("[world]\nsizee = 1.0\n", {}, "extra fields found (sizee)"),
         ("[data]\nsynchronous = 'sometimes'\n", {}, "data.synchronous"),
-        ("", {"MESHD_GATEWAY_LISTEN": "nope"}, "gateway.listen: expected HOST:PORT"),
+        ("", {"MESHD_TICK_RATE": "-3"}, "tick.rate: expected ticks per second >= 0"),
         ("", {"MESHD_MESH_WORKERS": "zero"}, "mesh.workers"),
         ("[world\n", {}, "not valid TOML"),
     ],

@@ -160,3 +160,15 @@ def test_rng_depends_only_on_seed_tick_and_id() -> None:
     assert 0.45 < sum(values) / len(values) < 0.55
     assert rng.choice([1, 2, 3]) in (1, 2, 3)
     assert 0 <= rng.randrange(10) < 10
+
+
+def test_plugins_are_found_through_the_entry_point_group(tmp_path: Path, monkeypatch) -> None:
+    """An installed package advertising a plugin under ``meshd.plugins``."""
+    (tmp_path / "walkers_pkg.py").write_text(FAULTY.replace('"faulty"', '"walkers"'))
+    dist = tmp_path / "walkers_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: walkers-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[meshd.plugins]\nwalkers = walkers_pkg\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = load_plugins(["walkers"], [tmp_path / "no-such-folder"], {}, CONVERTER)
+    assert list(plugins.kinds) == ["walker"]

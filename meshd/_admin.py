@@ -57,10 +57,13 @@ def status_view(core: Core) -> dict[str, Any]:
         "workers": len(core.supervisor.links),
         "partitions": len(repl.layout.owners),
         "failovers": core.failovers,
+        "stale_frames": core.supervisor.stale_frames
+        + sum(link.stale_frames for link in core.supervisor.links.values()),
         "rate_hz": _round(core.rate_hz()),
         "target_rate_hz": core.config.tick.rate,
         "tick_ms": {"p50": _round(percentile(times, 50)), "p99": _round(percentile(times, 99))},
         "plugin_errors": repl.errors_total,
+        "quarantined": sorted(repl.quarantined),
         "persisted_tick": core.persisted_tick,
         "persist_failures": core.persist_failures,
         "seed": repl.world.seed,

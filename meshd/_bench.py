@@ -94,6 +94,7 @@ def _sim_config(npcs: int, workers: int, data_dir: Path) -> Config:
     """The tavern at constant density (2,000 NPCs per 400 m square), as fast as possible."""
     return load_config(
         None,
+        search_default=False,
         environ={},
         overrides={
             "world.size": 400.0 * math.sqrt(max(npcs, 1) / 2000.0),

@@ -52,7 +52,14 @@ class DataConfig:
 class MeshConfig:
     workers: int = 2
     grid: int = 4
-    step_deadline: float = 10.0
+    step_deadline: float = 0.25
+
+
+@attrs.frozen
+class SuperviseConfig:
+    max_restarts: int = 5
+    restart_window: float = 30.0
+    quarantine_after: int = 10
 
 
 @attrs.frozen
@@ -74,6 +81,7 @@ class Config:
     tick: TickConfig = TickConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
+    supervise: SuperviseConfig = SuperviseConfig()
     log: LogConfig = LogConfig()
     plugins: PluginsConfig = PluginsConfig()
     base_dir: str = "."
@@ -162,6 +170,25 @@ def _validate(config: Config) -> list[str]:
         mesh.grid,
     )
     need(mesh.step_deadline > 0, "mesh.step_deadline", "seconds > 0", mesh.step_deadline)
+    supervise = config.supervise
+    need(
+        supervise.max_restarts >= 1,
+        "supervise.max_restarts",
+        "a count >= 1",
+        supervise.max_restarts,
+    )
+    need(
+        supervise.restart_window > 0,
+        "supervise.restart_window",
+        "seconds > 0",
+        supervise.restart_window,
+    )
+    need(
+        supervise.quarantine_after >= 1,
+        "supervise.quarantine_after",
+        "a tick count >= 1",
+        supervise.quarantine_after,
+    )
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
 
@@ -169,18 +196,22 @@ def _validate(config: Config) -> list[str]:
 def load_config(
     path: Path | None = None,
     *,
+    search_default: bool = True,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Read the config file, then apply environment variables, then flag ``overrides``.
 
-    ``path=None`` reads ``meshd.toml`` in the current folder if there is one.
+    ``path=None`` reads ``meshd.toml`` in the current folder if there is one
+    (unless ``search_default`` is false: then only the built-in defaults).
     ``overrides`` maps dotted keys (``"world.seed"``) to values; None values
     are ignored so unset flags fall through.
     """
     raw: dict[str, Any] = {}
     base_dir = Path(".")
-    chosen = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    chosen = path
+    if chosen is None and search_default and DEFAULT_CONFIG.exists():
+        chosen = DEFAULT_CONFIG
     if chosen is not None:
         try:
             raw = tomllib.loads(chosen.read_text())

@@ -24,19 +24,20 @@ import trio
 from meshd._config import Config, ConfigError
 from meshd._layout import Layout
 from meshd._logging import get_logger
-from meshd._messages import Init, WorldParams
+from meshd._messages import Init, Reply, Step, WorldParams
 from meshd._plugin import PluginSet, load_plugins
 from meshd._replication import Replication
 from meshd._sim import create_world
 from meshd._snapshot import Delta, WorldSnapshot
 from meshd._store import Store
-from meshd._supervisor import Supervisor, WorkerFailed
+from meshd._supervisor import RestartBudgetExceeded, Supervisor, WorkerFailed, WorkerLink
 from meshd._wire import CONVERTER
 
 DB_NAME = "world.db"
 SOCKET_NAME = "meshd.sock"
 LOCK_NAME = "meshd.lock"
 PERSIST_RETRY_MAX = 5.0
+STARTUP_DEADLINE = 10.0
 
 
 class StartupError(Exception):
@@ -129,9 +130,10 @@ def load_or_create(
         except Exception as exc:
             raise StartupError(f"stored entity {entity_id} ({kind}) does not load: {exc}") from exc
         records.append([entity_id, kind, x, y, z, values])
-    return WorldSnapshot(
-        meta["tick"], meta["seed"], meta["next_id"], records, meta["events"]
-    ), False
+    snapshot = WorldSnapshot(
+        meta["tick"], meta["seed"], meta["next_id"], records, meta["events"], meta["quarantined"]
+    )
+    return snapshot, False
 
 
 class Core:
@@ -158,7 +160,24 @@ class Core:
         self.persist_failures = 0
         self.stop_requested = False
         self.hash_waiters: list[trio.MemorySendChannel[tuple[int, str]]] = []
+        self._deadline: float | None = None
+        self._deadline_at = -1
         self.log = get_logger(component="core")
+
+    def step_deadline(self) -> float:
+        """Seconds a worker may take for one step before it counts as hung.
+
+        ``mesh.step_deadline``, or four times the recent p99 tick time if that
+        is longer, so a heavy world is not mistaken for a hung one; generous
+        while there is no history yet.
+        """
+        floor = self.config.mesh.step_deadline
+        if len(self.tick_ms) < 20:
+            return max(floor, STARTUP_DEADLINE)
+        if self._deadline_at != len(self.tick_ms) // 20 or self._deadline is None:
+            self._deadline_at = len(self.tick_ms) // 20
+            self._deadline = max(floor, 4 * percentile(list(self.tick_ms)[-200:], 99) / 1000)
+        return self._deadline
 
     def rate_hz(self) -> float:
         times = self.tick_times
@@ -205,7 +224,6 @@ async def _tick_loop(
 ) -> RunSummary:
     repl, links = core.replication, core.supervisor.links
     rate, persist_every = core.config.tick.rate, core.config.tick.persist_every
-    deadline = core.config.mesh.step_deadline
     first_tick = repl.tick + 1
     entity_ticks = 0
     tick_ms: list[float] = []
@@ -217,17 +235,18 @@ async def _tick_loop(
         checkpoint = final or tick % persist_every == 0 or bool(core.hash_waiters)
         started = time.perf_counter()
         steps = repl.build_steps(tick, checkpoint)
-        for worker, step in steps.items():
-            step.epoch = links[worker].epoch
-            await links[worker].send(step)
-        replies = []
-        with trio.move_on_after(deadline):
-            for worker in steps:
-                replies.append(await links[worker].receive_reply(tick))
-        if len(replies) < len(steps):
-            late = list(steps)[len(replies)]
-            raise WorkerFailed(late, f"missed the {deadline} s step deadline for tick {tick}")
-        report = repl.commit(tick, replies, checkpoint)
+        replies: dict[int, Reply] = {}
+        async with trio.open_nursery() as nursery:
+            for worker, step in steps.items():
+                nursery.start_soon(_run_step, core, worker, step, replies)
+        report = repl.commit(tick, list(replies.values()), checkpoint)
+        for entity_id in report.quarantined:
+            core.log.error(
+                "entity quarantined: its systems keep failing",
+                tick=tick,
+                entity=entity_id,
+                ticks=repl.quarantine_after,
+            )
         for worker, entity_id, text in report.errors:
             core.log.warning(
                 "plugin error, entity kept its previous state",
@@ -259,6 +278,61 @@ async def _tick_loop(
         workers=len(links),
         hash="",
     )
+
+
+async def _exchange(link: WorkerLink, step: Step, deadline: float) -> Reply:
+    step.epoch = link.epoch
+    with trio.move_on_after(deadline):
+        await link.send(step)
+        return await link.receive_reply(step.tick)
+    raise WorkerFailed(link.worker, f"missed the {deadline:g} s deadline for tick {step.tick}")
+
+
+async def _run_step(core: Core, worker: int, step: Step, replies: dict[int, Reply]) -> None:
+    """Get ``worker``'s reply to ``step``, replacing the worker as often as it fails."""
+    link = core.supervisor.links[worker]
+    while True:
+        try:
+            replies[worker] = await _exchange(link, step, core.step_deadline())
+            return
+        except RestartBudgetExceeded:
+            raise
+        except WorkerFailed as failure:
+            core.log.warning("worker failed", worker=worker, tick=step.tick, reason=failure.reason)
+        link = await _replace(core, worker, step.tick)
+
+
+async def _replace(core: Core, worker: int, tick: int) -> WorkerLink:
+    """Start a replacement that is exactly where the failed worker was before ``tick``.
+
+    It gets the failed worker's share of the last checkpoint, then replays
+    the steps the failed worker received since: the tick is delayed, never
+    lost. Raises :class:`RestartBudgetExceeded` when the slot keeps failing.
+    """
+    deadline = core.step_deadline()
+    while True:
+        core.failovers += 1
+        started = time.perf_counter()
+        try:
+            link = await core.supervisor.replace(worker)
+            restore, logged = core.replication.recovery(worker)
+            await link.send(restore)
+            for missed in logged[:-1]:
+                await _exchange(link, missed, deadline * 2)
+        except RestartBudgetExceeded:
+            raise
+        except WorkerFailed as failure:
+            core.log.warning("replacement failed", worker=worker, reason=failure.reason)
+            continue
+        core.log.info(
+            "worker replaced",
+            worker=worker,
+            tick=tick,
+            epoch=link.epoch,
+            replayed=len(logged) - 1,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return link
 
 
 async def _checkpoint(core: Core, persist: trio.MemorySendChannel[Delta], final: bool) -> None:
@@ -313,14 +387,18 @@ async def serve(
         else:
             log.info("loaded world", tick=snapshot.tick, entities=len(snapshot.records))
         layout = Layout.grid(world.size, world.halo, effective_grid(config), config.mesh.workers)
-        replication = Replication(plugins, world, layout, snapshot)
+        replication = Replication(
+            plugins, world, layout, snapshot, quarantine_after=config.supervise.quarantine_after
+        )
         supervisor = Supervisor(
             Init(
                 world=world,
                 plugins=list(config.plugins.load),
                 plugin_dirs=[str(d) for d in config.plugin_dirs],
                 settings=config.plugins.settings,
-            )
+            ),
+            max_restarts=config.supervise.max_restarts,
+            restart_window=config.supervise.restart_window,
         )
         core = Core(config, plugins, replication, supervisor, store)
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)

@@ -60,7 +60,8 @@ class Step:
     """Core -> worker: simulate tick ``tick``.
 
     Applied in this order: new layout, ghost removals, ghost upserts,
-    acquisitions, then events are delivered during the tick.
+    acquisitions, freezes (quarantined entities stop running), then events
+    are delivered during the tick.
     With ``checkpoint`` the reply carries every entity changed since the last
     checkpoint, so the core then holds the whole world at ``tick``.
     """
@@ -72,7 +73,24 @@ class Step:
     ghost_upsert: Bulk = attrs.field(factory=list)
     acquire: Bulk = attrs.field(factory=list)
     events: Bulk = attrs.field(factory=list)
+    freeze: Bulk = attrs.field(factory=list)
     checkpoint: bool = False
+
+
+@attrs.define
+class Restore:
+    """Core -> a replacement worker: the failed worker's state at checkpoint ``tick``.
+
+    The core then replays every ``Step`` the failed worker received since
+    that checkpoint; the simulation being deterministic, the replacement
+    ends in exactly the failed worker's state.
+    """
+
+    tick: int
+    layout: dict[str, int]
+    acquire: Bulk = attrs.field(factory=list)
+    ghost_upsert: Bulk = attrs.field(factory=list)
+    frozen: Bulk = attrs.field(factory=list)
 
 
 @attrs.define
@@ -108,4 +126,4 @@ class Fatal:
     message: str
 
 
-WORKER_MESSAGES: tuple[type, ...] = (Hello, Init, Ready, Step, Reply, Fatal)
+WORKER_MESSAGES: tuple[type, ...] = (Hello, Init, Ready, Restore, Step, Reply, Fatal)

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from meshd._layout import Layout
-from meshd._messages import Reply, Step, WorldParams
+from meshd._messages import Reply, Restore, Step, WorldParams
 from meshd._plugin import PluginSet
 from meshd._snapshot import Delta, Row, WorldSnapshot, to_row, world_hash
 
@@ -35,6 +35,22 @@ class Outbox:
     ghost_upsert: list[list[Any]] = attrs.field(factory=list)
     acquire: list[list[Any]] = attrs.field(factory=list)
     events: list[list[Any]] = attrs.field(factory=list)
+    freeze: list[int] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Checkpoint:
+    """The world as of the last checkpoint: where a replacement worker starts from.
+
+    Shallow copies are enough: records are replaced, never mutated.
+    """
+
+    tick: int
+    layout: dict[str, int]
+    records: dict[int, list[Any]]
+    owner: dict[int, int]
+    targets: dict[int, tuple[int, ...]]
+    quarantined: frozenset[int]
 
 
 @attrs.define
@@ -42,6 +58,7 @@ class CommitReport:
     """What a commit noticed that the shell should log or count."""
 
     errors: list[tuple[int, int, str]] = attrs.field(factory=list)
+    quarantined: list[int] = attrs.field(factory=list)
     dropped_events: int = 0
     handoffs: int = 0
     spawned: int = 0
@@ -57,6 +74,8 @@ class Replication:
         world: WorldParams,
         layout: Layout,
         snapshot: WorldSnapshot,
+        *,
+        quarantine_after: int = 10,
     ) -> None:
         self.plugins = plugins
         self.world = world
@@ -75,10 +94,15 @@ class Replication:
         self.cost_ms: dict[str, float] = {}
         self.worker_cpu_ms: dict[int, float] = {}
         self.errors_total = 0
+        self.quarantine_after = quarantine_after
+        self.quarantined: set[int] = set(snapshot.quarantined)
+        self.error_streaks: dict[int, int] = {}
         self.checkpoint_tick = snapshot.tick
         for record in sorted(self.records.values()):
             self._place(record)
         self._route_events(snapshot.events)
+        self.step_log: dict[int, list[Step]] = {w: [] for w in layout.workers}
+        self.checkpoint = self._take_checkpoint()
 
     # -- building steps -------------------------------------------------
 
@@ -97,9 +121,11 @@ class Replication:
                 ghost_upsert=box.ghost_upsert,  # type: ignore[arg-type]
                 acquire=box.acquire,  # type: ignore[arg-type]
                 events=box.events,  # type: ignore[arg-type]
+                freeze=box.freeze,  # type: ignore[arg-type]
                 checkpoint=checkpoint,
             )
             self.outboxes[worker] = Outbox()
+            self.step_log[worker].append(steps[worker])
         self.layout_pending.clear()
         return steps
 
@@ -145,10 +171,69 @@ class Replication:
         report.spawned = len(spawns)
         report.dropped_events = self._route_events(events)
         self.errors_total += len(report.errors)
+        self._count_errors(report)
         self.tick = tick
         if checkpoint:
             self.checkpoint_tick = tick
+            self.checkpoint = self._take_checkpoint()
         return report
+
+    # -- failover -------------------------------------------------------
+
+    def _take_checkpoint(self) -> Checkpoint:
+        """Remember ``S(T)`` and clear the step logs (called right after a whole-world commit).
+
+        Entities still on their way to a new owner (in an outbox) are
+        counted as the new owner's: the next logged step delivers them.
+        """
+        for log in self.step_log.values():
+            log.clear()
+        in_transit = {
+            record[0] for box in self.outboxes.values() for record, _targets in box.acquire
+        }
+        owner = {i: w for i, w in self.owner.items() if i not in in_transit}
+        return Checkpoint(
+            self.tick,
+            self.layout.to_wire(),
+            dict(self.records),
+            owner,
+            dict(self.targets),
+            frozenset(self.quarantined),
+        )
+
+    def recovery(self, worker: int) -> tuple[Restore, list[Step]]:
+        """What a replacement for ``worker`` needs to reach the tick now in flight.
+
+        The ``Restore`` loads ``worker``'s share of the last checkpoint; the
+        steps are the ones the failed worker received since, the last of
+        them the step of the tick in flight. Replaying them reproduces the
+        failed worker's state exactly, so the world loses no tick.
+        """
+        base = self.checkpoint
+        acquire = [
+            [base.records[i], list(base.targets.get(i, ()))]
+            for i, owner in sorted(base.owner.items())
+            if owner == worker
+        ]
+        ghosts = [
+            base.records[i] for i, targets in sorted(base.targets.items()) if worker in targets
+        ]
+        frozen = sorted(i for i in base.quarantined if base.owner.get(i) == worker)
+        restore = Restore(
+            tick=base.tick, layout=base.layout, acquire=acquire, ghost_upsert=ghosts, frozen=frozen
+        )
+        return restore, list(self.step_log[worker])
+
+    def _count_errors(self, report: CommitReport) -> None:
+        """Quarantine entities whose systems failed ``quarantine_after`` ticks in a row."""
+        streaks = {}
+        for _worker, entity_id, _text in report.errors:
+            streak = streaks[entity_id] = self.error_streaks.get(entity_id, 0) + 1
+            if streak >= self.quarantine_after and entity_id not in self.quarantined:
+                self.quarantined.add(entity_id)
+                self.outboxes[self.owner[entity_id]].freeze.append(entity_id)
+                report.quarantined.append(entity_id)
+        self.error_streaks = streaks
 
     def _place(self, record: list[Any]) -> None:
         """Give an entity to the owner of its position, with its ghosts."""
@@ -157,6 +242,8 @@ class Replication:
         self.owner[entity_id] = owner
         new_targets = self.layout.ghost_targets(x, y, owner)
         self.outboxes[owner].acquire.append([record, list(new_targets)])
+        if entity_id in self.quarantined:
+            self.outboxes[owner].freeze.append(entity_id)
         self._retarget(record, new_targets)
 
     def _retarget(self, record: list[Any], new_targets: tuple[int, ...]) -> None:
@@ -206,6 +293,7 @@ class Replication:
             events=list(self.pending_events),
             upserts=[self.records[i] for i in self.dirty],
             deletes=sorted(self.deleted),
+            quarantined=sorted(self.quarantined),
         )
         self.dirty = set()
         self.deleted = set()
@@ -218,7 +306,7 @@ class Replication:
 
     def hash(self) -> str:
         """The world hash as of the last checkpoint (exact only at a checkpoint tick)."""
-        return world_hash(self.rows(), self.next_id, self.pending_events)
+        return world_hash(self.rows(), self.next_id, self.pending_events, self.quarantined)
 
     def entities_of(self, worker: int) -> int:
         return sum(1 for owner in self.owner.values() if owner == worker)

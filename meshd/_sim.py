@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from meshd._layout import Layout, clamp
-from meshd._messages import Reply, Step, WorldParams
+from meshd._messages import Reply, Restore, Step, WorldParams
 from meshd._plugin import EventHandler, PluginSet, System
 
 _MASK64 = (1 << 64) - 1
@@ -391,6 +391,7 @@ class WorkerSim:
         self.ghosts: dict[int, View] = {}
         self.targets: dict[int, tuple[int, ...]] = {}
         self.dirty: set[int] = set()
+        self.frozen: set[int] = set()
         self.last_tick: int | None = None
 
     def record(self, entity: Entity) -> list[Any]:
@@ -417,6 +418,22 @@ class WorkerSim:
         for entity in self.entities.values():
             self.members[layout.partition_of(entity.x, entity.y)][entity.id] = entity
 
+    def restore(self, restore: Restore) -> None:
+        """Load a checkpoint's state (layout, owned entities, ghosts) into an empty worker."""
+        if self.entities or self.ghosts:
+            raise RuntimeError("restore needs a fresh worker")
+        self._set_layout(restore.layout)
+        self._apply_inbound(
+            Step(
+                tick=restore.tick,
+                epoch=self.epoch,
+                ghost_upsert=restore.ghost_upsert,
+                acquire=restore.acquire,
+                freeze=restore.frozen,
+            )
+        )
+        self.last_tick = restore.tick
+
     def _apply_inbound(self, step: Step) -> None:
         if step.layout is not None:
             self._set_layout(step.layout)
@@ -434,6 +451,7 @@ class WorkerSim:
             self.ghosts.pop(entity.id, None)
             if targets:
                 self.targets[entity.id] = tuple(targets)
+        self.frozen.update(step.freeze)
 
     def step(self, step: Step) -> Reply:
         """Simulate tick ``step.tick`` for the owned entities."""
@@ -453,12 +471,14 @@ class WorkerSim:
         no_events: list[Event] = []
         moves: list[tuple[Entity, str, str]] = []
         leaving: list[tuple[Entity, str]] = []
-        despawned = ctx.despawned
+        despawned, frozen = ctx.despawned, self.frozen
 
         for leaf, members in self.members.items():
             leaf_started = time.perf_counter()
             rect, safe = layout.rects[leaf], layout.safe_rect(leaf)
             for entity in members.values():
+                if frozen and entity.id in frozen:
+                    continue
                 view = prev[entity.id]
                 error = run_entity(
                     entity,

@@ -28,6 +28,7 @@ class WorldSnapshot:
     next_id: int
     records: list[list[Any]]
     events: list[list[Any]]
+    quarantined: list[int] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -40,6 +41,7 @@ class Delta:
     events: list[list[Any]]
     upserts: list[list[Any]]
     deletes: list[int]
+    quarantined: list[int] = attrs.field(factory=list)
 
 
 def encode_state(fields: Sequence[str], values: Sequence[Any]) -> bytes:
@@ -51,11 +53,18 @@ def to_row(record: Sequence[Any], schema: Mapping[str, Sequence[str]]) -> Row:
     return (entity_id, kind, x, y, z, encode_state(schema[kind], state))
 
 
-def world_hash(rows: Iterable[Row], next_id: int, events: Sequence[Sequence[Any]]) -> str:
-    """SHA-256 over the rows (in id order), the id counter and pending events."""
+def world_hash(
+    rows: Iterable[Row],
+    next_id: int,
+    events: Sequence[Sequence[Any]],
+    quarantined: Iterable[int] = (),
+) -> str:
+    """SHA-256 over the rows (in id order), the id counter, pending events and quarantine."""
     digest = hashlib.sha256()
     for entity_id, kind, x, y, z, state in rows:
         digest.update(cbor2.dumps([entity_id, kind, x, y, z], canonical=True))
         digest.update(state)
-    digest.update(cbor2.dumps([next_id, sorted(list(e) for e in events)], canonical=True))
+    digest.update(
+        cbor2.dumps([next_id, sorted(list(e) for e in events), sorted(quarantined)], canonical=True)
+    )
     return digest.hexdigest()

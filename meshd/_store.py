@@ -52,7 +52,10 @@ class Store:
                     check_same_thread=False,
                 )
             else:
-                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                # A short busy timeout: the writer retries with backoff rather than block.
+                self.db = sqlite3.connect(
+                    path, isolation_level=None, check_same_thread=False, timeout=1.0
+                )
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
                 self.db.executescript(_SCHEMA)
@@ -95,6 +98,7 @@ class Store:
             "seed": delta.seed,
             "next_id": delta.next_id,
             "events": delta.events,
+            "quarantined": delta.quarantined,
         }
         db = self.db
         db.execute("BEGIN IMMEDIATE")

@@ -52,6 +52,7 @@ class WorkerLink:
     process: trio.Process
     stream: trio.SocketStream
     decoder: FrameDecoder = attrs.field(factory=lambda: FrameDecoder(WORKER_FRAME_CAP))
+    stale_frames: int = 0
 
     async def send(self, message: Any) -> None:
         try:
@@ -80,21 +81,28 @@ class WorkerLink:
             self.decoder.feed(data)
 
     async def receive_reply(self, tick: int) -> Reply:
-        reply = await self.receive((Reply,))
-        if reply.epoch != self.epoch or reply.tick != tick:
-            raise WorkerFailed(
-                self.worker,
-                f"replied for tick {reply.tick} epoch {reply.epoch}, "
-                f"expected tick {tick} epoch {self.epoch}",
-            )
-        return reply
+        """The reply for ``tick``; replies of other ticks or epochs are dropped and counted."""
+        while True:
+            reply = await self.receive((Reply,))
+            if reply.epoch == self.epoch and reply.tick == tick:
+                return reply
+            self.stale_frames += 1
+
+
+class RestartBudgetExceeded(WorkerFailed):
+    """A worker slot keeps failing; restarting it again would only hide the fault."""
 
 
 class Supervisor:
     """Starts and stops worker processes; owns the runtime folder and its socket."""
 
-    def __init__(self, init: Init) -> None:
+    def __init__(self, init: Init, *, max_restarts: int = 5, restart_window: float = 30.0) -> None:
         self.init = init
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.stale_frames = 0
+        self._restarts: dict[int, list[float]] = {}
+        self._nursery: trio.Nursery
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="meshd-"))  # created 0700
         self.socket_path = self.runtime_dir / "core.sock"
         self.links: dict[int, WorkerLink] = {}
@@ -111,9 +119,13 @@ class Supervisor:
         return self._listener
 
     async def accept_loop(self) -> None:
-        """Match incoming connections to the workers being started, by token."""
+        """Match incoming connections to the workers being started, by token.
+
+        Also reaps killed worker processes, in its nursery.
+        """
         assert self._listener is not None
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while True:
                 stream = await self._listener.accept()
                 nursery.start_soon(self._greet, stream)
@@ -168,6 +180,31 @@ class Supervisor:
         self.links[worker] = link
         self._log.info("worker started", worker=worker, epoch=epoch, pid=hello.pid)
         return link
+
+    async def replace(self, worker: int) -> WorkerLink:
+        """Kill ``worker``'s current incarnation (its whole process group) and start the next.
+
+        Raises :class:`RestartBudgetExceeded` when the worker slot has been
+        restarted ``max_restarts`` times within ``restart_window`` seconds.
+        """
+        old = self.links.pop(worker, None)
+        if old is not None:
+            self._kill(old.process)
+            await old.stream.aclose()
+            self.stale_frames += old.stale_frames
+            self._reap(old.process)
+        now = trio.current_time()
+        history = self._restarts.setdefault(worker, [])
+        history[:] = [t for t in history if now - t < self.restart_window]
+        if len(history) >= self.max_restarts:
+            raise RestartBudgetExceeded(
+                worker, f"restarted {len(history)} times in {self.restart_window:g} s"
+            )
+        history.append(now)
+        return await self.start_worker(worker)
+
+    def _reap(self, process: trio.Process) -> None:
+        self._nursery.start_soon(process.wait)
 
     async def start_all(self, workers: Iterable[int]) -> None:
         async with trio.open_nursery() as nursery:

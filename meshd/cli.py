@@ -207,7 +207,11 @@ def offline_world(data_dir: Path, with_hash: bool) -> dict[str, Any]:
         meta = store.meta()
         if not meta:
             raise StoreError(f"{path} holds no world yet")
-        digest = world_hash(store.rows(), meta["next_id"], meta["events"]) if with_hash else None
+        digest = (
+            world_hash(store.rows(), meta["next_id"], meta["events"], meta["quarantined"])
+            if with_hash
+            else None
+        )
         return {"tick": meta["tick"], "entities": store.count(), "hash": digest, "offline": True}
     finally:
         store.close()

@@ -17,7 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
-from meshd._messages import Fatal, Hello, Init, Ready, Step
+from meshd._messages import Fatal, Hello, Init, Ready, Restore, Step
 from meshd._plugin import PluginError, load_plugins
 from meshd._sim import WorkerSim, collect_between_ticks
 from meshd._wire import CONVERTER, HEADER, decode_message, encode_message, frame
@@ -66,9 +66,12 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
     send(frame(encode_message(Ready(worker=worker))))
     gc.disable()
     while True:
-        message = _receive(sock, (Step,))
+        message = _receive(sock, (Step, Restore))
         if isinstance(message, Fatal):
             return 0
+        if isinstance(message, Restore):
+            sim.restore(message)
+            continue
         assert isinstance(message, Step)
         send(frame(encode_message(sim.step(message))))
         # While the core commits this tick, we are idle: collect now.

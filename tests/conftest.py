@@ -83,10 +83,17 @@ def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_for_status(config: Path, predicate=lambda s: s["tick"] > 0, timeout: float = 60) -> Any:
-    """Poll ``inspect status`` until ``predicate`` holds."""
+def wait_for_status(
+    config: Path,
+    predicate=lambda s: s["tick"] > 0,
+    timeout: float = 60,
+    daemon: subprocess.Popen[str] | None = None,
+) -> Any:
+    """Poll ``inspect status`` until ``predicate`` holds (while ``daemon`` runs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if daemon is not None and daemon.poll() is not None:
+            raise AssertionError(f"the daemon exited early:\n{daemon.stderr.read()[-3000:]}")
         result = meshd("inspect", "status", "--config", str(config), "--json", check=False)
         if result.returncode == 0:
             status = json.loads(result.stdout)

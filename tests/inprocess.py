@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshd._layout import Layout
-from meshd._messages import Reply, Step, WorldParams
+from meshd._messages import Reply, Restore, Step, WorldParams
 from meshd._plugin import PluginSet, load_plugins
 from meshd._replication import Replication
 from meshd._sim import WorkerSim, create_world
@@ -39,8 +39,11 @@ class InProcessMesh:
         snapshot: WorldSnapshot,
         *,
         through_wire: bool = True,
+        quarantine_after: int = 10,
     ) -> None:
-        self.replication = Replication(plugins, world, layout, snapshot)
+        self.replication = Replication(
+            plugins, world, layout, snapshot, quarantine_after=quarantine_after
+        )
         self.sims = {w: WorkerSim(w, 1, plugins, world) for w in layout.workers}
         self.through_wire = through_wire
 
@@ -49,15 +52,29 @@ class InProcessMesh:
             return message
         return decode_message(encode_message(message), (cls,))
 
-    def tick(self, checkpoint: bool = False):
+    def tick(self, checkpoint: bool = False, kill: frozenset[int] = frozenset()):
+        """One tick; workers in ``kill`` crash mid-step and are replaced."""
         repl = self.replication
         tick = repl.tick + 1
         steps = repl.build_steps(tick, checkpoint)
-        replies = [
-            self._roundtrip(self.sims[w].step(self._roundtrip(step, Step)), Reply)
-            for w, step in steps.items()
-        ]
+        replies = []
+        for worker, step in steps.items():
+            if worker in kill:
+                self.sims[worker].step(self._roundtrip(step, Step))  # work lost in the crash
+                self.replace(worker)
+            replies.append(
+                self._roundtrip(self.sims[worker].step(self._roundtrip(step, Step)), Reply)
+            )
         return repl.commit(tick, replies, checkpoint)
+
+    def replace(self, worker: int) -> None:
+        """What the core does for a failed worker: restore the checkpoint, replay the log."""
+        old = self.sims[worker]
+        sim = self.sims[worker] = WorkerSim(worker, old.epoch + 1, old.plugins, old.world)
+        restore, logged = self.replication.recovery(worker)
+        sim.restore(self._roundtrip(restore, Restore))
+        for step in logged[:-1]:
+            sim.step(self._roundtrip(step, Step))
 
     def run(self, ticks: int, persist_every: int = 10):
         reports = []

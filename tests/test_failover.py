@@ -1,0 +1,273 @@
+"""Failover: workers crash at any tick and the world comes out bit-identical."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    TAVERN,
+    meshd,
+    meshd_json,
+    start_daemon,
+    wait_for_status,
+    wait_gone,
+    write_config,
+)
+from inprocess import InProcessMesh, new_world, plugins_for
+from test_sim import FAULTY, SPACE_WORLD, TAVERN_WORLD, assert_one_owner_each
+
+from meshd._layout import Layout
+from meshd._messages import WorldParams
+from meshd._plugin import load_plugins
+from meshd._wire import CONVERTER
+
+
+def fault_schedule(seed: int, ticks: int, workers: int) -> dict[int, frozenset[int]]:
+    """Reproducible crashes: tick -> workers that die during it."""
+    rng = random.Random(seed)
+    schedule = {}
+    for tick in range(1, ticks + 1):
+        if rng.random() < 0.25:
+            schedule[tick] = frozenset(rng.sample(range(workers), rng.randint(1, 2)))
+    return schedule
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("name", "settings", "world"),
+    [
+        ("tavern", {"npcs": 250, "throw_chance": 0.05, "drop_chance": 0.01}, TAVERN_WORLD),
+        ("space", {"ships": 60, "fire_chance": 0.05}, SPACE_WORLD),
+    ],
+)
+def test_crashing_workers_change_nothing(name, settings, world, seed) -> None:
+    plugins = plugins_for(name, **settings)
+    ticks, persist_every, workers = 45, 7, 4
+    layout = Layout.grid(world.size, world.halo, 4, workers)
+    clean = InProcessMesh(plugins, world, layout, new_world(plugins, world))
+    clean.run(ticks, persist_every)
+
+    faulty = InProcessMesh(plugins, world, layout, new_world(plugins, world))
+    schedule = fault_schedule(seed, ticks, workers)
+    assert schedule == fault_schedule(seed, ticks, workers)  # the same seed, the same faults
+    population = len(faulty.replication.owner)
+    for tick in range(1, ticks + 1):
+        checkpoint = tick == ticks or tick % persist_every == 0
+        report = faulty.tick(checkpoint, kill=schedule.get(tick, frozenset()))
+        assert faulty.replication.tick == tick  # contiguous, none skipped
+        assert_one_owner_each(faulty)
+        population += report.spawned - report.despawned
+        assert len(faulty.replication.owner) == population  # nothing lost or duplicated
+    assert sum(len(k) for k in schedule.values()) >= 5
+    assert faulty.replication.hash() == clean.replication.hash()
+
+
+PILLARS = textwrap.dedent(
+    """
+    import math
+    import attrs
+    from meshd import Kind, Plugin
+
+    @attrs.frozen
+    class Walker:
+        heading: float = 0.0
+        seen: int = 0
+
+    @attrs.frozen
+    class Pillar:
+        pass
+
+    def walk(me, ctx):
+        pillars = ctx.nearby(3.0, "pillar")
+        heading = me.state.heading + ctx.rng.uniform(-0.5, 0.5)
+        me.x += math.cos(heading) * 0.9
+        me.y += math.sin(heading) * 0.9
+        me.state = Walker(heading, me.state.seen + len(pillars))
+
+    def create_world(world):
+        for i in range(200):
+            world.spawn("pillar", world.rng.uniform(0, 100), world.rng.uniform(0, 100))
+        for i in range(100):
+            world.spawn("walker", world.rng.uniform(0, 100), world.rng.uniform(0, 100))
+
+    plugin = Plugin(
+        name="pillars",
+        kinds={
+            "walker": Kind(Walker, systems=(walk,), max_speed=20.0, radius=3.0),
+            "pillar": Kind(Pillar),
+        },
+        create_world=create_world,
+    )
+    """
+)
+
+
+def test_replacements_see_ghosts_that_never_change(tmp_path: Path) -> None:
+    """Static entities are sent as ghosts once; a replacement must get them from the checkpoint."""
+    (tmp_path / "pillars.py").write_text(PILLARS)
+    plugins = load_plugins(["pillars"], [tmp_path], {}, CONVERTER)
+    world = WorldParams(size=100.0, seed=5, dt=0.05, halo=4.0)
+    layout = Layout.grid(100.0, 4.0, 8, 4)
+    clean = InProcessMesh(plugins, world, layout, new_world(plugins, world))
+    clean.run(30, 5)
+    faulty = InProcessMesh(plugins, world, layout, new_world(plugins, world))
+    for tick in range(1, 31):
+        faulty.tick(
+            tick == 30 or tick % 5 == 0,
+            kill=frozenset({tick % 4}) if tick % 3 == 0 else frozenset(),
+        )
+    assert faulty.replication.hash() == clean.replication.hash()
+
+
+# -- real processes ---------------------------------------------------------
+
+
+def _straight_hash(folder: Path, ticks: int) -> str:
+    folder.mkdir()
+    config = write_config(folder, TAVERN)
+    meshd(
+        "serve",
+        "--config",
+        str(config),
+        "--rate",
+        "0",
+        "--seed",
+        "7",
+        "--workers",
+        "3",
+        "--ticks",
+        str(ticks),
+    )
+    return meshd_json("inspect", "world", "--config", str(config), "--hash")["hash"]
+
+
+def _worker_pids(config: Path) -> dict[int, int]:
+    return {w["id"]: w["pid"] for w in meshd_json("inspect", "workers", "--config", str(config))}
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_killed_or_hung_worker_process_changes_nothing(tmp_path: Path, how: str) -> None:
+    ticks = 160
+    expected = _straight_hash(tmp_path / "straight", ticks)
+    folder = tmp_path / "faulty"
+    folder.mkdir()
+    config = write_config(folder, TAVERN)
+    daemon = start_daemon(
+        config, "--rate", "25", "--seed", "7", "--workers", "3", "--ticks", str(ticks)
+    )
+    try:
+        wait_for_status(config, lambda s: s["tick"] >= 30)
+        victims = _worker_pids(config)
+        os.kill(victims[1], signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        status = wait_for_status(config, lambda s: s["failovers"] >= 1 and s["tick"] >= 80)
+        replaced = _worker_pids(config)
+        assert replaced[1] != victims[1] and replaced[0] == victims[0]
+        assert meshd_json("inspect", "workers", "--config", str(config))[1]["epoch"] == 2
+        assert wait_gone([victims[1]]) == []  # a hung worker is killed, not left behind
+        assert status["workers"] == 3
+        assert daemon.wait(timeout=60) == 0, daemon.stderr.read()
+    finally:
+        daemon.kill()
+    world = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    assert world["tick"] == ticks
+    assert world["hash"] == expected
+
+
+def test_kill_9_of_the_core_leaves_a_whole_tick_to_continue_from(tmp_path: Path) -> None:
+    ticks = 300
+    heavy = {**TAVERN, "tick": {"persist_every": 1}}
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    config = write_config(straight, heavy)
+    meshd("serve", "--config", str(config), "--rate", "0", "--seed", "7", "--ticks", str(ticks))
+    expected = meshd_json("inspect", "world", "--config", str(config), "--hash")["hash"]
+
+    folder = tmp_path / "crashing"
+    folder.mkdir()
+    config = write_config(folder, heavy)
+    rng = random.Random(11)
+    stored_ticks = [0]
+    for _ in range(3):
+        remaining = str(ticks - stored_ticks[-1])
+        daemon = start_daemon(config, "--rate", "30", "--seed", "7", "--ticks", remaining)
+        try:
+            wait_for_status(config, lambda s: s["tick"] > stored_ticks[-1], daemon=daemon)
+            time.sleep(rng.uniform(0.05, 0.6))
+        finally:
+            daemon.kill()  # SIGKILL, mid-tick or mid-transaction
+            daemon.wait(timeout=10)
+        with sqlite3.connect(folder / "data" / "world.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored_ticks.append(meshd_json("inspect", "world", "--config", str(config))["tick"])
+    assert stored_ticks == sorted(stored_ticks) and stored_ticks[-1] < ticks
+    meshd("serve", "--config", str(config), "--rate", "0", "--ticks", str(ticks - stored_ticks[-1]))
+    world = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    assert world["tick"] == ticks
+    assert world["hash"] == expected
+
+
+def test_an_entity_that_keeps_failing_is_quarantined_everywhere_alike(tmp_path: Path) -> None:
+    (tmp_path / "faulty.py").write_text(FAULTY)
+    plugins = load_plugins(["faulty"], [tmp_path], {}, CONVERTER)
+    world = WorldParams(size=100.0, seed=1, dt=0.05, halo=5.0)
+    hashes = set()
+    for grid, workers, kill_at in [(1, 1, None), (2, 2, 6), (4, 4, 2)]:
+        layout = Layout.grid(100.0, 5.0, grid, workers)
+        mesh = InProcessMesh(plugins, world, layout, new_world(plugins, world), quarantine_after=3)
+        quarantined_at = {}
+        for tick in range(1, 13):
+            crashed = frozenset(range(workers)) if tick == kill_at else frozenset()
+            report = mesh.tick(tick % 4 == 0 or tick == 12, kill=crashed)
+            quarantined_at.update({entity: tick for entity in report.quarantined})
+            if tick > 3:
+                assert report.errors == []  # frozen: no longer run
+        assert quarantined_at == {2: 3, 3: 3}
+        assert mesh.replication.quarantined == {2, 3}
+        assert mesh.replication.records[1][2] == pytest.approx(16.0)  # the healthy one walked on
+        hashes.add(mesh.replication.hash())
+    assert len(hashes) == 1
+
+
+def test_a_locked_database_delays_persistence_but_not_the_world(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    config = write_config(folder, {**TAVERN, "tick": {"persist_every": 2}})
+    daemon = start_daemon(config, "--rate", "40", "--seed", "7", "--workers", "2")
+    try:
+        wait_for_status(config, lambda s: s["persisted_tick"] >= 4, daemon=daemon)
+        blocker = sqlite3.connect(folder / "data" / "world.db", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        locked = wait_for_status(config, lambda s: s["persist_failures"] >= 2)
+        later = wait_for_status(config, lambda s: s["tick"] >= locked["tick"] + 40)
+        assert later["persisted_tick"] <= locked["tick"]  # nothing written, ticking goes on
+        blocker.execute("ROLLBACK")
+        wait_for_status(config, lambda s: s["persisted_tick"] > later["tick"])
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        assert "persist failed" in daemon.stderr.read()
+        blocker.close()
+    finally:
+        daemon.kill()
+    final = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    config = write_config(straight, {**TAVERN, "tick": {"persist_every": 2}})
+    meshd(
+        "serve",
+        "--config",
+        str(config),
+        "--rate",
+        "0",
+        "--seed",
+        "7",
+        "--ticks",
+        str(final["tick"]),
+    )
+    assert meshd_json("inspect", "world", "--config", str(config), "--hash") == final

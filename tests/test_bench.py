@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from conftest import TAVERN, meshd, meshd_json, write_config
+from conftest import TAVERN, meshd, meshd_json, start_daemon, wait_for_status, write_config
 
 from meshd._bench import bench_sim
 
@@ -38,3 +42,51 @@ def test_long_run_with_many_workers_matches_one_worker(tmp_path: Path) -> None:
         )
         hashes.append(meshd_json("inspect", "world", "--config", str(config), "--hash")["hash"])
     assert hashes[0] == hashes[1]
+
+
+@pytest.mark.slow
+def test_chaos_soak_loses_nothing(tmp_path: Path) -> None:
+    """60 s at 25 Hz: a random worker SIGKILLed every 2 s, now and then one SIGSTOPped."""
+    ticks = 1500
+    rng = random.Random(2026)
+    folder = tmp_path / "chaos"
+    folder.mkdir()
+    # About 4 kills per worker slot in every 30 s: more than the default budget allows.
+    config = write_config(folder, {**TAVERN, "supervise": {"max_restarts": 100}})
+    daemon = start_daemon(
+        config, "--rate", "25", "--seed", "7", "--workers", "4", "--ticks", str(ticks)
+    )
+    kills = 0
+    try:
+        wait_for_status(config, lambda s: s["tick"] >= 25, daemon=daemon)
+        while daemon.poll() is None:
+            time.sleep(2.0)
+            try:
+                pids = [w["pid"] for w in meshd_json("inspect", "workers", "--config", str(config))]
+            except AssertionError:
+                break  # finished meanwhile
+            os.kill(rng.choice(pids), signal.SIGSTOP if rng.random() < 0.2 else signal.SIGKILL)
+            kills += 1
+        assert daemon.wait(timeout=120) == 0, daemon.stderr.read()[-3000:]
+    finally:
+        daemon.kill()
+    assert kills >= 20
+    chaotic = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    calm = tmp_path / "calm"
+    calm.mkdir()
+    config = write_config(calm, TAVERN)
+    meshd(
+        "serve",
+        "--config",
+        str(config),
+        "--rate",
+        "0",
+        "--seed",
+        "7",
+        "--workers",
+        "4",
+        "--ticks",
+        str(ticks),
+        timeout=600,
+    )
+    assert meshd_json("inspect", "world", "--config", str(config), "--hash") == chaotic

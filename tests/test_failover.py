@@ -271,3 +271,19 @@ def test_a_locked_database_delays_persistence_but_not_the_world(tmp_path: Path) 
         str(final["tick"]),
     )
     assert meshd_json("inspect", "world", "--config", str(config), "--hash") == final
+
+
+def test_sigterm_during_a_failover_still_writes_the_final_tick(tmp_path: Path) -> None:
+    config = write_config(tmp_path, TAVERN)
+    daemon = start_daemon(config, "--rate", "25", "--workers", "3")
+    try:
+        before = wait_for_status(config, lambda s: s["tick"] >= 30, daemon=daemon)
+        pids = list(_worker_pids(config).values())
+        os.kill(pids[2], signal.SIGKILL)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+    finally:
+        daemon.kill()
+    assert wait_gone(pids) == []
+    world = meshd_json("inspect", "world", "--config", str(config))
+    assert world["tick"] > before["tick"]

@@ -55,6 +55,7 @@ def status_view(core: Core) -> dict[str, Any]:
         "tick": repl.tick,
         "entities": len(repl.owner),
         "workers": len(core.supervisor.links),
+        "spares": [link.pid for link in core.supervisor.spares],
         "partitions": len(repl.layout.owners),
         "failovers": core.failovers,
         "stale_frames": core.supervisor.stale_frames

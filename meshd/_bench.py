@@ -13,6 +13,8 @@ import math
 import multiprocessing
 import os
 import platform
+import random
+import signal
 import statistics
 import tempfile
 import time
@@ -90,7 +92,7 @@ def _bare_run(npcs: int, ticks: int) -> tuple[float, int, str]:
     return bare_loop(load_plugin_set(config), world_params(config), ticks)
 
 
-def _sim_config(npcs: int, workers: int, data_dir: Path) -> Config:
+def _sim_config(npcs: int, workers: int, data_dir: Path, rate: float = 0.0) -> Config:
     """The tavern at constant density (2,000 NPCs per 400 m square), as fast as possible."""
     return load_config(
         None,
@@ -99,7 +101,8 @@ def _sim_config(npcs: int, workers: int, data_dir: Path) -> Config:
         overrides={
             "world.size": 400.0 * math.sqrt(max(npcs, 1) / 2000.0),
             "world.seed": 7,
-            "tick.rate": 0.0,
+            "tick.rate": rate,
+            "supervise.max_restarts": 1_000_000,
             "mesh.workers": workers,
             "data.dir": str(data_dir),
             "log.level": "warning",
@@ -147,6 +150,79 @@ def bench_sim(npcs: int = 10_000, ticks: int = 200, repeat: int = 1) -> dict[str
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def bench_failover(
+    npcs: int = 10_000,
+    seconds: float = 20.0,
+    rate: float = 20.0,
+    kill_every: float = 2.0,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """SIGKILL a random worker every ``kill_every`` s; measure the stall against a calm run.
+
+    The stall of one kill runs from the SIGKILL to the commit of the tick
+    that was in flight (the affected partitions' delay). Both runs simulate
+    the same ticks from the same seed, so they must end in the same world.
+    """
+    ticks = max(int(seconds * rate), 1)
+    rng = random.Random(7)
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+        calm_config = _sim_config(npcs, workers, Path(tmp) / "calm", rate)
+        calm = trio.run(lambda: serve(calm_config, ticks=ticks))
+        faulty_config = _sim_config(npcs, workers, Path(tmp) / "faulty", rate)
+        kills: list[tuple[float, int]] = []
+        outcome: dict[str, Any] = {}
+
+        async def run_faulty() -> None:
+            async def serve_it(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                outcome["summary"] = await serve(
+                    faulty_config, ticks=ticks, task_status=task_status
+                )
+
+            async with trio.open_nursery() as nursery:
+                core = await nursery.start(serve_it)
+                outcome["core"] = core
+                while "summary" not in outcome:
+                    await trio.sleep(kill_every)
+                    links = core.supervisor.links
+                    if "summary" in outcome or not links:
+                        break
+                    worker = rng.choice(sorted(links))
+                    kills.append((time.monotonic(), worker))
+                    os.kill(links[worker].pid, signal.SIGKILL)
+
+        trio.run(run_faulty)
+    faulty, core = outcome["summary"], outcome["core"]
+    stalls_ms = []
+    for killed_at, worker in kills:
+        for failover in core.failover_log:
+            if failover.worker == worker and failover.replaced_at >= killed_at:
+                if failover.committed_at is not None:
+                    stalls_ms.append((failover.committed_at - killed_at) * 1000.0)
+                break
+    budget_ms = 1000.0 / rate
+    stall_ticks = [ms / budget_ms for ms in stalls_ms]
+    return {
+        "entities": npcs,
+        "workers": workers,
+        "rate_hz": rate,
+        "ticks": ticks,
+        "kills": len(stalls_ms),
+        "stall_ticks": _spread(stall_ticks),
+        "stall_ms": _spread(stalls_ms),
+        "tick_ms": _percentiles(faulty.tick_ms),
+        "baseline_tick_ms": _percentiles(calm.tick_ms),
+        "same_world": faulty.hash == calm.hash,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": 0.0, "max": 0.0}
+    return {"median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

@@ -60,6 +60,7 @@ class SuperviseConfig:
     max_restarts: int = 5
     restart_window: float = 30.0
     quarantine_after: int = 10
+    spares: int = 1
 
 
 @attrs.frozen
@@ -171,6 +172,7 @@ def _validate(config: Config) -> list[str]:
     )
     need(mesh.step_deadline > 0, "mesh.step_deadline", "seconds > 0", mesh.step_deadline)
     supervise = config.supervise
+    need(supervise.spares >= 0, "supervise.spares", "a count >= 0", supervise.spares)
     need(
         supervise.max_restarts >= 1,
         "supervise.max_restarts",

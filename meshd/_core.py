@@ -136,6 +136,17 @@ def load_or_create(
     return snapshot, False
 
 
+@attrs.define
+class Failover:
+    """One worker replacement, for ``inspect`` and ``bench failover``."""
+
+    worker: int
+    tick: int
+    epoch: int
+    replaced_at: float
+    committed_at: float | None = None
+
+
 class Core:
     """The running daemon's state, shared by the tick loop and the admin views."""
 
@@ -160,6 +171,7 @@ class Core:
         self.persist_failures = 0
         self.stop_requested = False
         self.hash_waiters: list[trio.MemorySendChannel[tuple[int, str]]] = []
+        self.failover_log: list[Failover] = []
         self._deadline: float | None = None
         self._deadline_at = -1
         self.log = get_logger(component="core")
@@ -240,6 +252,10 @@ async def _tick_loop(
             for worker, step in steps.items():
                 nursery.start_soon(_run_step, core, worker, step, replies)
         report = repl.commit(tick, list(replies.values()), checkpoint)
+        for failover in reversed(core.failover_log):
+            if failover.committed_at is not None:
+                break
+            failover.committed_at = time.monotonic()
         for entity_id in report.quarantined:
             core.log.error(
                 "entity quarantined: its systems keep failing",
@@ -324,6 +340,7 @@ async def _replace(core: Core, worker: int, tick: int) -> WorkerLink:
         except WorkerFailed as failure:
             core.log.warning("replacement failed", worker=worker, reason=failure.reason)
             continue
+        core.failover_log.append(Failover(worker, tick, link.epoch, time.monotonic()))
         core.log.info(
             "worker replaced",
             worker=worker,
@@ -399,6 +416,7 @@ async def serve(
             ),
             max_restarts=config.supervise.max_restarts,
             restart_window=config.supervise.restart_window,
+            spares=config.supervise.spares,
         )
         core = Core(config, plugins, replication, supervisor, store)
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)
@@ -410,6 +428,7 @@ async def serve(
                 services.start_soon(_watch_signals, core)
                 await services.start(serve_admin, core, data_dir / SOCKET_NAME)
                 await supervisor.start_all(layout.workers)
+                services.start_soon(supervisor.refill_spares)
                 log.info(
                     "serving",
                     workers=len(layout.workers),

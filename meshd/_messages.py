@@ -56,6 +56,18 @@ class Ready:
 
 
 @attrs.define
+class Assign:
+    """Core -> worker: from now on you are worker ``worker``, incarnation ``epoch``.
+
+    Sent right after ``Ready`` to a worker started for a slot, or later to
+    a warm spare that takes over a failed slot.
+    """
+
+    worker: int
+    epoch: int
+
+
+@attrs.define
 class Step:
     """Core -> worker: simulate tick ``tick``.
 
@@ -126,4 +138,4 @@ class Fatal:
     message: str
 
 
-WORKER_MESSAGES: tuple[type, ...] = (Hello, Init, Ready, Restore, Step, Reply, Fatal)
+WORKER_MESSAGES: tuple[type, ...] = (Hello, Init, Ready, Assign, Restore, Step, Reply, Fatal)

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from meshd._logging import get_logger
-from meshd._messages import Fatal, Hello, Init, Ready, Reply
+from meshd._messages import Assign, Fatal, Hello, Init, Ready, Reply
 from meshd._wire import FrameDecoder, WireError, decode_message, encode_message, frame
 from meshd.worker import TOKEN_ENV
 
@@ -96,8 +96,14 @@ class RestartBudgetExceeded(WorkerFailed):
 class Supervisor:
     """Starts and stops worker processes; owns the runtime folder and its socket."""
 
-    def __init__(self, init: Init, *, max_restarts: int = 5, restart_window: float = 30.0) -> None:
+    def __init__(
+        self, init: Init, *, max_restarts: int = 5, restart_window: float = 30.0, spares: int = 1
+    ) -> None:
         self.init = init
+        self.spare_count = spares
+        self.spares: list[WorkerLink] = []
+        self._spares_started = 0
+        self._refilling = False
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.stale_frames = 0
@@ -150,10 +156,36 @@ class Supervisor:
         del self._pending[(hello.worker, hello.epoch)]
         await pending[1].send((stream, hello, decoder))
 
+    def _next_epoch(self, worker: int) -> int:
+        self._epochs[worker] = epoch = self._epochs.get(worker, 0) + 1
+        return epoch
+
     async def start_worker(self, worker: int) -> WorkerLink:
-        """Start one worker process and wait until it has loaded its plugins."""
-        epoch = self._epochs.get(worker, 0) + 1
-        self._epochs[worker] = epoch
+        """Start a worker process for slot ``worker`` and wait until it is ready."""
+        link = await self._spawn(worker, self._next_epoch(worker))
+        await self._assign(link, worker, link.epoch)
+        return link
+
+    async def _assign(self, link: WorkerLink, worker: int, epoch: int) -> None:
+        link.worker, link.epoch = worker, epoch
+        await link.send(Assign(worker=worker, epoch=epoch))
+        self.links[worker] = link
+        self._log.info("worker started", worker=worker, epoch=epoch, pid=link.pid)
+
+    async def refill_spares(self) -> None:
+        """Keep ``spare_count`` idle workers started, ready to take over a failed slot."""
+        if self._refilling:
+            return
+        self._refilling = True
+        try:
+            while len(self.spares) < self.spare_count:
+                self._spares_started += 1
+                self.spares.append(await self._spawn(-self._spares_started, 1))
+        finally:
+            self._refilling = False
+
+    async def _spawn(self, worker: int, epoch: int) -> WorkerLink:
+        """Start one process, authenticate it and wait until it has loaded its plugins."""
         token = secrets.token_hex(16)
         send, receive = trio.open_memory_channel[Any](1)
         self._pending[(worker, epoch)] = (token, send)
@@ -177,8 +209,6 @@ class Supervisor:
         except WorkerFailed:
             self._kill(process)
             raise
-        self.links[worker] = link
-        self._log.info("worker started", worker=worker, epoch=epoch, pid=hello.pid)
         return link
 
     async def replace(self, worker: int) -> WorkerLink:
@@ -201,6 +231,11 @@ class Supervisor:
                 worker, f"restarted {len(history)} times in {self.restart_window:g} s"
             )
         history.append(now)
+        if self.spares:
+            link = self.spares.pop(0)
+            await self._assign(link, worker, self._next_epoch(worker))
+            self._nursery.start_soon(self.refill_spares)
+            return link
         return await self.start_worker(worker)
 
     def _reap(self, process: trio.Process) -> None:
@@ -218,16 +253,18 @@ class Supervisor:
 
     async def stop_all(self, grace: float = 2.0) -> None:
         """Close every link (workers exit on EOF), then kill what is left."""
-        for link in self.links.values():
+        everyone = [*self.links.values(), *self.spares]
+        for link in everyone:
             await link.stream.aclose()
         with trio.move_on_after(grace):
-            for link in self.links.values():
+            for link in everyone:
                 await link.process.wait()
-        for link in self.links.values():
+        for link in everyone:
             self._kill(link.process)
             with trio.CancelScope(shield=True):
                 await link.process.wait()
         self.links.clear()
+        self.spares.clear()
 
     def cleanup(self) -> None:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -241,19 +241,24 @@ def inspect_world(
 
 @app.command("bench")
 def bench_command(
-    scenario: Annotated[str, typer.Argument(help="Scenario: sim.")],
+    scenario: Annotated[str, typer.Argument(help="Scenario: sim or failover.")],
     as_json: JsonOption = False,
     npcs: Annotated[int, typer.Option(help="Tavern NPCs.")] = 10_000,
-    ticks: Annotated[int, typer.Option(help="Ticks per run.")] = 200,
-    repeat: Annotated[int, typer.Option(min=1, help="Runs per variant (medians reported).")] = 1,
+    ticks: Annotated[int, typer.Option(help="sim: ticks per run.")] = 200,
+    repeat: Annotated[int, typer.Option(min=1, help="sim: runs per variant (medians).")] = 1,
+    seconds: Annotated[float, typer.Option(help="failover: seconds of ticks per run.")] = 20.0,
+    rate: Annotated[float, typer.Option(help="failover: tick rate.")] = 20.0,
 ) -> None:
     """Run a benchmark scenario end to end and print its measured figures."""
     from meshd import _bench
 
-    if scenario != "sim":
-        raise _fail(f"unknown scenario {scenario!r}; available: sim", 2)
-    configure(json=True, level="warning")
-    result = _bench.bench_sim(npcs=npcs, ticks=ticks, repeat=repeat)
+    configure(json=True, level="error")
+    if scenario == "sim":
+        result = _bench.bench_sim(npcs=npcs, ticks=ticks, repeat=repeat)
+    elif scenario == "failover":
+        result = _bench.bench_failover(npcs=npcs, seconds=seconds, rate=rate)
+    else:
+        raise _fail(f"unknown scenario {scenario!r}; available: sim, failover", 2)
     _print_json(result) if as_json else _pairs(result, "bench sim")
 
 

@@ -1,5 +1,9 @@
 """Worker process entry point: ``python -m meshd.worker SOCKET WORKER EPOCH``.
 
+``WORKER EPOCH`` name the process for its ``Hello`` (a warm spare uses a
+negative number); which part of the world it simulates comes later, in
+``Assign``.
+
 A thin blocking shell around :class:`~meshd._sim.WorkerSim`: connect to the
 core's Unix socket, prove identity with the one-time token from the
 ``MESHD_WORKER_TOKEN`` environment variable, load the plugins named in
@@ -17,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-from meshd._messages import Fatal, Hello, Init, Ready, Restore, Step
+from meshd._messages import Assign, Fatal, Hello, Init, Ready, Restore, Step
 from meshd._plugin import PluginError, load_plugins
 from meshd._sim import WorkerSim, collect_between_ticks
 from meshd._wire import CONVERTER, HEADER, decode_message, encode_message, frame
@@ -62,8 +66,12 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
     except PluginError as exc:
         send(frame(encode_message(Fatal(str(exc)))))
         return 1
-    sim = WorkerSim(worker, epoch, plugins, init.world)
     send(frame(encode_message(Ready(worker=worker))))
+    assign = _receive(sock, (Assign,))  # a warm spare waits here
+    if isinstance(assign, Fatal):
+        return 0
+    assert isinstance(assign, Assign)
+    sim = WorkerSim(assign.worker, assign.epoch, plugins, init.world)
     gc.disable()
     while True:
         message = _receive(sock, (Step, Restore))

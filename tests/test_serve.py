@@ -116,9 +116,9 @@ def _workers(config: Path) -> list[dict]:
 def test_sigterm_writes_final_tick_and_leaves_no_orphans(tavern_config: Path) -> None:
     daemon = start_daemon(tavern_config, "--workers", "2", "--rate", "50")
     try:
-        wait_for_status(tavern_config, lambda s: s["tick"] >= 5)
-        pids = [w["pid"] for w in _workers(tavern_config)]
-        assert len(pids) == 2
+        status = wait_for_status(tavern_config, lambda s: s["tick"] >= 5 and s["spares"])
+        pids = [w["pid"] for w in _workers(tavern_config)] + status["spares"]
+        assert len(pids) == 3
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
     finally:
@@ -131,9 +131,9 @@ def test_sigterm_writes_final_tick_and_leaves_no_orphans(tavern_config: Path) ->
 def test_kill_9_of_the_core_leaves_no_orphans(tavern_config: Path) -> None:
     daemon = start_daemon(tavern_config, "--workers", "3", "--rate", "50")
     try:
-        wait_for_status(tavern_config, lambda s: s["tick"] >= 3)
-        pids = [w["pid"] for w in _workers(tavern_config)]
-        assert len(pids) == 3
+        status = wait_for_status(tavern_config, lambda s: s["tick"] >= 3 and s["spares"])
+        pids = [w["pid"] for w in _workers(tavern_config)] + status["spares"]
+        assert len(pids) == 4
         daemon.kill()
         daemon.wait(timeout=10)
     finally:

@@ -161,6 +161,8 @@ def bench_failover(
 ) -> dict[str, Any]:
     """SIGKILL a random worker every ``kill_every`` s; measure the stall against a calm run.
 
+    A kill waits for the previous failover to have committed its tick.
+
     The stall of one kill runs from the SIGKILL to the commit of the tick
     that was in flight (the affected partitions' delay). Both runs simulate
     the same ticks from the same seed, so they must end in the same world.
@@ -185,6 +187,10 @@ def bench_failover(
                 outcome["core"] = core
                 while "summary" not in outcome:
                     await trio.sleep(kill_every)
+                    # The next kill waits for the last failover to commit: a
+                    # slot killed again mid-replay would never catch up.
+                    while any(f.committed_at is None for f in core.failover_log):
+                        await trio.sleep(0.01)
                     links = core.supervisor.links
                     if "summary" in outcome or not links:
                         break

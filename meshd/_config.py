@@ -40,6 +40,7 @@ class WorldConfig:
 class TickConfig:
     rate: float = 20.0
     persist_every: int = 10
+    checkpoint_every: int = 2
 
 
 @attrs.frozen
@@ -163,6 +164,12 @@ def _validate(config: Config) -> list[str]:
     need(0 <= world.seed < 2**63, "world.seed", "an integer in [0, 2**63)", world.seed)
     need(tick.rate >= 0, "tick.rate", "ticks per second >= 0 (0 = as fast as possible)", tick.rate)
     need(tick.persist_every >= 1, "tick.persist_every", "a tick count >= 1", tick.persist_every)
+    need(
+        tick.checkpoint_every >= 1,
+        "tick.checkpoint_every",
+        "a tick count >= 1",
+        tick.checkpoint_every,
+    )
     need(mesh.workers >= 1, "mesh.workers", "a worker count >= 1", mesh.workers)
     need(
         mesh.grid >= 1 and mesh.grid & (mesh.grid - 1) == 0,

@@ -236,6 +236,7 @@ async def _tick_loop(
 ) -> RunSummary:
     repl, links = core.replication, core.supervisor.links
     rate, persist_every = core.config.tick.rate, core.config.tick.persist_every
+    checkpoint_every = core.config.tick.checkpoint_every
     first_tick = repl.tick + 1
     entity_ticks = 0
     tick_ms: list[float] = []
@@ -244,7 +245,8 @@ async def _tick_loop(
     while ticks is None or repl.tick < first_tick - 1 + ticks:
         tick = repl.tick + 1
         final = core.stop_requested or (ticks is not None and tick == first_tick - 1 + ticks)
-        checkpoint = final or tick % persist_every == 0 or bool(core.hash_waiters)
+        persist_now = final or tick % persist_every == 0
+        checkpoint = persist_now or tick % checkpoint_every == 0 or bool(core.hash_waiters)
         started = time.perf_counter()
         steps = repl.build_steps(tick, checkpoint)
         replies: dict[int, Reply] = {}
@@ -277,7 +279,7 @@ async def _tick_loop(
         core.tick_times.append(time.monotonic())
         entity_ticks += len(repl.owner)
         if checkpoint:
-            await _checkpoint(core, persist, final)
+            await _checkpoint(core, persist, final, persist_now)
         if final:
             break
         if rate > 0:
@@ -352,7 +354,10 @@ async def _replace(core: Core, worker: int, tick: int) -> WorkerLink:
         return link
 
 
-async def _checkpoint(core: Core, persist: trio.MemorySendChannel[Delta], final: bool) -> None:
+async def _checkpoint(
+    core: Core, persist: trio.MemorySendChannel[Delta], final: bool, persist_now: bool
+) -> None:
+    """The core holds all of ``S(T)``: answer hash requests, maybe hand the writer a delta."""
     repl = core.replication
     if core.hash_waiters:
         answer = (repl.tick, repl.hash())
@@ -361,7 +366,7 @@ async def _checkpoint(core: Core, persist: trio.MemorySendChannel[Delta], final:
         core.hash_waiters.clear()
     if final:
         await persist.send(repl.take_delta())
-    elif persist.statistics().tasks_waiting_receive:
+    elif persist_now and persist.statistics().tasks_waiting_receive:
         # The writer is idle: hand it this tick. Otherwise keep accumulating;
         # the next checkpoint's delta will carry these changes too.
         persist.send_nowait(repl.take_delta())

@@ -92,7 +92,9 @@ def _bare_run(npcs: int, ticks: int) -> tuple[float, int, str]:
     return bare_loop(load_plugin_set(config), world_params(config), ticks)
 
 
-def _sim_config(npcs: int, workers: int, data_dir: Path, rate: float = 0.0) -> Config:
+def _sim_config(
+    npcs: int, workers: int, data_dir: Path, rate: float = 0.0, checkpoint_every: int = 10
+) -> Config:
     """The tavern at constant density (2,000 NPCs per 400 m square), as fast as possible."""
     return load_config(
         None,
@@ -102,6 +104,7 @@ def _sim_config(npcs: int, workers: int, data_dir: Path, rate: float = 0.0) -> C
             "world.size": 400.0 * math.sqrt(max(npcs, 1) / 2000.0),
             "world.seed": 7,
             "tick.rate": rate,
+            "tick.checkpoint_every": checkpoint_every,
             "supervise.max_restarts": 1_000_000,
             "mesh.workers": workers,
             "data.dir": str(data_dir),
@@ -158,6 +161,7 @@ def bench_failover(
     rate: float = 20.0,
     kill_every: float = 2.0,
     workers: int = 2,
+    checkpoint_every: int = 10,
 ) -> dict[str, Any]:
     """SIGKILL a random worker every ``kill_every`` s; measure the stall against a calm run.
 
@@ -170,9 +174,9 @@ def bench_failover(
     ticks = max(int(seconds * rate), 1)
     rng = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
-        calm_config = _sim_config(npcs, workers, Path(tmp) / "calm", rate)
+        calm_config = _sim_config(npcs, workers, Path(tmp) / "calm", rate, checkpoint_every)
         calm = trio.run(lambda: serve(calm_config, ticks=ticks))
-        faulty_config = _sim_config(npcs, workers, Path(tmp) / "faulty", rate)
+        faulty_config = _sim_config(npcs, workers, Path(tmp) / "faulty", rate, checkpoint_every)
         kills: list[tuple[float, int]] = []
         outcome: dict[str, Any] = {}
 
@@ -214,6 +218,7 @@ def bench_failover(
         "workers": workers,
         "rate_hz": rate,
         "ticks": ticks,
+        "checkpoint_every": checkpoint_every,
         "kills": len(stalls_ms),
         "stall_ticks": _spread(stall_ticks),
         "stall_ms": _spread(stalls_ms),

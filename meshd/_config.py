@@ -40,7 +40,7 @@ class WorldConfig:
 class TickConfig:
     rate: float = 20.0
     persist_every: int = 10
-    checkpoint_every: int = 2
+    checkpoint_every: int = 10
 
 
 @attrs.frozen

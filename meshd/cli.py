@@ -248,6 +248,9 @@ def bench_command(
     repeat: Annotated[int, typer.Option(min=1, help="sim: runs per variant (medians).")] = 1,
     seconds: Annotated[float, typer.Option(help="failover: seconds of ticks per run.")] = 20.0,
     rate: Annotated[float, typer.Option(help="failover: tick rate.")] = 20.0,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="failover: ticks between full-state checkpoints.")
+    ] = 10,
 ) -> None:
     """Run a benchmark scenario end to end and print its measured figures."""
     from meshd import _bench
@@ -256,7 +259,9 @@ def bench_command(
     if scenario == "sim":
         result = _bench.bench_sim(npcs=npcs, ticks=ticks, repeat=repeat)
     elif scenario == "failover":
-        result = _bench.bench_failover(npcs=npcs, seconds=seconds, rate=rate)
+        result = _bench.bench_failover(
+            npcs=npcs, seconds=seconds, rate=rate, checkpoint_every=checkpoint_every
+        )
     else:
         raise _fail(f"unknown scenario {scenario!r}; available: sim, failover", 2)
     _print_json(result) if as_json else _pairs(result, "bench sim")

@@ -4,6 +4,7 @@ The public plugin API lives here; everything else is in private modules
 (see ``docs/architecture.md``).
 """
 
+from meshd._geometry import first_hit
 from meshd._plugin import EventHandler, Kind, Plugin, PluginError, System, WorldHook
 from meshd._sim import Context, Entity, Event, ReachError, TickRng, View, WorldBuilder
 
@@ -21,6 +22,7 @@ __all__ = [
     "View",
     "WorldBuilder",
     "WorldHook",
+    "first_hit",
 ]
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import math
 
 import attrs
 
-from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder
+from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder, first_hit
 
 SHIP_SPEED = 100.0  # m/s
 SCAN_RANGE = 250.0
@@ -89,18 +89,9 @@ def rocket(me: Entity, ctx: Context) -> None:
     x1, y1 = x0 + state.vx * ctx.dt, y0 + state.vy * ctx.dt
     half = math.hypot(x1 - x0, y1 - y0) / 2
     candidates = ctx.nearby(half + ROCKET_HIT_RADIUS, "ship", x=(x0 + x1) / 2, y=(y0 + y1) / 2)
-    dx, dy = x1 - x0, y1 - y0
-    length2 = dx * dx + dy * dy or 1e-12
-    best: tuple[float, int] | None = None
-    for other in candidates:
-        if other.id == state.shooter:
-            continue
-        t = max(0.0, min(1.0, ((other.x - x0) * dx + (other.y - y0) * dy) / length2))
-        px, py = x0 + t * dx - other.x, y0 + t * dy - other.y
-        if px * px + py * py <= ROCKET_HIT_RADIUS**2 and (best is None or (t, other.id) < best):
-            best = (t, other.id)
-    if best is not None:
-        ctx.send(best[1], "rocket_hit", {"rocket": me.id, "shooter": state.shooter})
+    hit = first_hit(x0, y0, x1, y1, candidates, ROCKET_HIT_RADIUS, skip=state.shooter)
+    if hit is not None:
+        ctx.send(hit, "rocket_hit", {"rocket": me.id, "shooter": state.shooter})
         ctx.despawn()
         return
     size = ctx.world_size

@@ -15,7 +15,7 @@ import math
 
 import attrs
 
-from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder
+from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder, first_hit
 
 PERCEPTION = 4.0  # metres a patron looks around
 PERSONAL_SPACE = 1.0
@@ -120,7 +120,7 @@ def bottle(me: Entity, ctx: Context) -> None:
     x1, y1 = x0 + state.vx * ctx.dt, y0 + state.vy * ctx.dt
     half = math.hypot(x1 - x0, y1 - y0) / 2
     candidates = ctx.nearby(half + BOTTLE_HIT_RADIUS, "patron", x=(x0 + x1) / 2, y=(y0 + y1) / 2)
-    hit = _first_hit(x0, y0, x1, y1, candidates, state.thrower)
+    hit = first_hit(x0, y0, x1, y1, candidates, BOTTLE_HIT_RADIUS, skip=state.thrower)
     if hit is not None:
         ctx.send(hit, "bottle_hit", {"bottle": me.id, "thrower": state.thrower})
         ctx.despawn()
@@ -131,21 +131,6 @@ def bottle(me: Entity, ctx: Context) -> None:
         return
     me.x, me.y = x1, y1
     me.state = attrs.evolve(state, ttl=state.ttl - 1)
-
-
-def _first_hit(x0: float, y0: float, x1: float, y1: float, candidates, skip: int) -> int | None:
-    """The candidate first touched along the segment (ties broken by id)."""
-    dx, dy = x1 - x0, y1 - y0
-    length2 = dx * dx + dy * dy or 1e-12
-    best: tuple[float, int] | None = None
-    for other in candidates:
-        if other.id == skip:
-            continue
-        t = max(0.0, min(1.0, ((other.x - x0) * dx + (other.y - y0) * dy) / length2))
-        px, py = x0 + t * dx - other.x, y0 + t * dy - other.y
-        if px * px + py * py <= BOTTLE_HIT_RADIUS**2 and (best is None or (t, other.id) < best):
-            best = (t, other.id)
-    return None if best is None else best[1]
 
 
 def on_bottle_hit(me: Entity, event: Event, ctx: Context) -> None:

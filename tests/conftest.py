@@ -72,6 +72,16 @@ def meshd_json(*args: str, timeout: float = 120) -> Any:
     return json.loads(meshd(*args, "--json", timeout=timeout).stdout)
 
 
+def run_world(
+    folder: Path, world: dict[str, Any], *args: str, timeout: float = 120
+) -> dict[str, Any]:
+    """Serve ``world`` in ``folder`` at full speed with seed 7; return its world view and hash."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(folder, world)
+    meshd("serve", "--config", str(config), "--rate", "0", "--seed", "7", *args, timeout=timeout)
+    return meshd_json("inspect", "world", "--config", str(config), "--hash")
+
+
 def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")}
     return subprocess.Popen(

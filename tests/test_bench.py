@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TAVERN, meshd, meshd_json, start_daemon, wait_for_status, write_config
+from conftest import (
+    TAVERN,
+    meshd_json,
+    run_world,
+    start_daemon,
+    wait_for_status,
+    write_config,
+)
 
 from meshd._bench import bench_sim
 
@@ -23,25 +30,12 @@ def test_bench_sim_runs_and_all_variants_reach_the_same_world() -> None:
 
 @pytest.mark.slow
 def test_long_run_with_many_workers_matches_one_worker(tmp_path: Path) -> None:
-    hashes = []
-    for workers in ("1", "8"):
-        folder = tmp_path / workers
-        folder.mkdir()
-        config = write_config(folder, TAVERN)
-        meshd(
-            "serve",
-            "--config",
-            str(config),
-            "--rate",
-            "0",
-            "--workers",
-            workers,
-            "--ticks",
-            "2000",
-            timeout=1200,
-        )
-        hashes.append(meshd_json("inspect", "world", "--config", str(config), "--hash")["hash"])
-    assert hashes[0] == hashes[1]
+    one, eight = (
+        run_world(tmp_path / workers, TAVERN, "--workers", workers, "--ticks", "2000", timeout=1200)
+        for workers in ("1", "8")
+    )
+    assert one["tick"] == eight["tick"] == 2000
+    assert one["hash"] == eight["hash"]
 
 
 @pytest.mark.slow
@@ -72,21 +66,7 @@ def test_chaos_soak_loses_nothing(tmp_path: Path) -> None:
         daemon.kill()
     assert kills >= 20
     chaotic = meshd_json("inspect", "world", "--config", str(config), "--hash")
-    calm = tmp_path / "calm"
-    calm.mkdir()
-    config = write_config(calm, TAVERN)
-    meshd(
-        "serve",
-        "--config",
-        str(config),
-        "--rate",
-        "0",
-        "--seed",
-        "7",
-        "--workers",
-        "4",
-        "--ticks",
-        str(ticks),
-        timeout=600,
+    calm = run_world(
+        tmp_path / "calm", TAVERN, "--workers", "4", "--ticks", str(ticks), timeout=600
     )
-    assert meshd_json("inspect", "world", "--config", str(config), "--hash") == chaotic
+    assert calm == chaotic

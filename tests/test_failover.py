@@ -15,6 +15,7 @@ from conftest import (
     TAVERN,
     meshd,
     meshd_json,
+    run_world,
     start_daemon,
     wait_for_status,
     wait_gone,
@@ -130,22 +131,7 @@ def test_replacements_see_ghosts_that_never_change(tmp_path: Path) -> None:
 
 
 def _straight_hash(folder: Path, ticks: int) -> str:
-    folder.mkdir()
-    config = write_config(folder, TAVERN)
-    meshd(
-        "serve",
-        "--config",
-        str(config),
-        "--rate",
-        "0",
-        "--seed",
-        "7",
-        "--workers",
-        "3",
-        "--ticks",
-        str(ticks),
-    )
-    return meshd_json("inspect", "world", "--config", str(config), "--hash")["hash"]
+    return run_world(folder, TAVERN, "--workers", "3", "--ticks", str(ticks))["hash"]
 
 
 def _worker_pids(config: Path) -> dict[int, int]:
@@ -183,11 +169,7 @@ def test_a_killed_or_hung_worker_process_changes_nothing(tmp_path: Path, how: st
 def test_kill_9_of_the_core_leaves_a_whole_tick_to_continue_from(tmp_path: Path) -> None:
     ticks = 300
     heavy = {**TAVERN, "tick": {"persist_every": 1}}
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    config = write_config(straight, heavy)
-    meshd("serve", "--config", str(config), "--rate", "0", "--seed", "7", "--ticks", str(ticks))
-    expected = meshd_json("inspect", "world", "--config", str(config), "--hash")["hash"]
+    expected = run_world(tmp_path / "straight", heavy, "--ticks", str(ticks))["hash"]
 
     folder = tmp_path / "crashing"
     folder.mkdir()
@@ -256,21 +238,8 @@ def test_a_locked_database_delays_persistence_but_not_the_world(tmp_path: Path) 
     finally:
         daemon.kill()
     final = meshd_json("inspect", "world", "--config", str(config), "--hash")
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    config = write_config(straight, {**TAVERN, "tick": {"persist_every": 2}})
-    meshd(
-        "serve",
-        "--config",
-        str(config),
-        "--rate",
-        "0",
-        "--seed",
-        "7",
-        "--ticks",
-        str(final["tick"]),
-    )
-    assert meshd_json("inspect", "world", "--config", str(config), "--hash") == final
+    locked_world = {**TAVERN, "tick": {"persist_every": 2}}
+    assert run_world(tmp_path / "straight", locked_world, "--ticks", str(final["tick"])) == final
 
 
 def test_sigterm_during_a_failover_still_writes_the_final_tick(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from conftest import (
     TAVERN,
     meshd,
     meshd_json,
+    run_world,
     start_daemon,
     wait_for_status,
     wait_gone,
@@ -20,14 +21,6 @@ from conftest import (
 )
 
 from meshd._layout import Layout
-
-
-def run_world(folder: Path, world: dict, *args: str) -> dict:
-    """Serve a fresh copy of ``world`` in ``folder`` and return its offline world view."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(folder, world)
-    meshd("serve", "--config", str(config), "--rate", "0", "--seed", "7", *args)
-    return meshd_json("inspect", "world", "--config", str(config), "--hash")
 
 
 @pytest.mark.parametrize("world", [TAVERN, SPACE], ids=["tavern", "space"])

@@ -171,7 +171,7 @@ class Core:
         self.persist_failures = 0
         self.stop_requested = False
         self.hash_waiters: list[trio.MemorySendChannel[tuple[int, str]]] = []
-        self.failover_log: list[Failover] = []
+        self.failover_log: deque[Failover] = deque(maxlen=1000)
         self._deadline: float | None = None
         self._deadline_at = -1
         self.log = get_logger(component="core")

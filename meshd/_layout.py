@@ -10,7 +10,7 @@ point of the world lies in exactly one partition.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import attrs
 
@@ -170,10 +170,6 @@ class Layout:
 
     def to_wire(self) -> dict[str, int]:
         return dict(self.owners)
-
-    @classmethod
-    def from_wire(cls, size: float, halo: float, owners: Mapping[str, int]) -> Layout:
-        return cls(size, halo, dict(owners))
 
     def leaves_of(self, worker: int) -> list[str]:
         return sorted(leaf for leaf, owner in self.owners.items() if owner == worker)

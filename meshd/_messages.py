@@ -136,6 +136,3 @@ class Fatal:
     """Either side: an unrecoverable error, sent before closing the link."""
 
     message: str
-
-
-WORKER_MESSAGES: tuple[type, ...] = (Hello, Init, Ready, Assign, Restore, Step, Reply, Fatal)

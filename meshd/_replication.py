@@ -307,6 +307,3 @@ class Replication:
     def hash(self) -> str:
         """The world hash as of the last checkpoint (exact only at a checkpoint tick)."""
         return world_hash(self.rows(), self.next_id, self.pending_events, self.quarantined)
-
-    def entities_of(self, worker: int) -> int:
-        return sum(1 for owner in self.owner.values() if owner == worker)

@@ -392,7 +392,6 @@ class WorkerSim:
         self.targets: dict[int, tuple[int, ...]] = {}
         self.dirty: set[int] = set()
         self.frozen: set[int] = set()
-        self.last_tick: int | None = None
 
     def record(self, entity: Entity) -> list[Any]:
         return [
@@ -432,7 +431,6 @@ class WorkerSim:
                 freeze=restore.frozen,
             )
         )
-        self.last_tick = restore.tick
 
     def _apply_inbound(self, step: Step) -> None:
         if step.layout is not None:
@@ -543,5 +541,4 @@ class WorkerSim:
         reply.events = ctx.events
         reply.counts = {leaf: len(members) for leaf, members in self.members.items()}
         reply.cpu_ms = (time.process_time() - started_cpu) * 1000.0
-        self.last_tick = step.tick
         return reply

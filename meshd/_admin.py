@@ -65,6 +65,9 @@ def status_view(core: Core) -> dict[str, Any]:
         "tick_ms": {"p50": _round(percentile(times, 50)), "p99": _round(percentile(times, 99))},
         "plugin_errors": repl.errors_total,
         "quarantined": sorted(repl.quarantined),
+        "quarantined_partitions": sorted_leaves(
+            leaf for leaf, owner in repl.layout.owners.items() if owner in repl.down
+        ),
         "persisted_tick": core.persisted_tick,
         "persist_failures": core.persist_failures,
         "seed": repl.world.seed,
@@ -74,14 +77,17 @@ def status_view(core: Core) -> dict[str, Any]:
 
 def workers_view(core: Core) -> list[dict[str, Any]]:
     repl = core.replication
+    links = core.supervisor.links
     rows = []
-    for worker, link in sorted(core.supervisor.links.items()):
+    for worker in sorted({*links, *repl.down}):
+        link = links.get(worker)
         leaves = repl.layout.leaves_of(worker)
         rows.append(
             {
                 "id": worker,
-                "pid": link.pid,
-                "epoch": link.epoch,
+                "state": "quarantined" if worker in repl.down else "running",
+                "pid": link.pid if link else None,
+                "epoch": link.epoch if link else None,
                 "partitions": sorted_leaves(leaves),
                 "entities": sum(repl.counts.get(leaf, 0) for leaf in leaves),
                 "cost_ms": _round(sum(repl.cost_ms.get(leaf, 0.0) for leaf in leaves)),
@@ -100,6 +106,7 @@ def partitions_view(core: Core) -> list[dict[str, Any]]:
             "depth": int(leaf.split("/")[0]),
             "bounds": layout.rects[leaf].as_list(),
             "worker": layout.owners[leaf],
+            "quarantined": layout.owners[leaf] in repl.down,
             "entities": repl.counts.get(leaf, 0),
             "cost_ms": _round(repl.cost_ms.get(leaf, 0.0)),
         }

@@ -66,7 +66,7 @@ def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float
                 inbox.get(entity.id, ()),
                 handlers,
                 systems[entity.kind],
-                codecs[entity.kind].cls,
+                codecs[entity.kind],
                 ctx.max_step[entity.kind],
             )
         entity_ticks += len(entities)

@@ -307,17 +307,31 @@ async def _exchange(link: WorkerLink, step: Step, deadline: float) -> Reply:
 
 
 async def _run_step(core: Core, worker: int, step: Step, replies: dict[int, Reply]) -> None:
-    """Get ``worker``'s reply to ``step``, replacing the worker as often as it fails."""
+    """Get ``worker``'s reply to ``step``, replacing the worker as often as it fails.
+
+    When the slot's restart budget is spent, its partitions are quarantined
+    (see :meth:`Replication.take_down`) and the tick commits without them.
+    """
     link = core.supervisor.links[worker]
     while True:
         try:
             replies[worker] = await _exchange(link, step, core.step_deadline())
             return
-        except RestartBudgetExceeded:
-            raise
         except WorkerFailed as failure:
             core.log.warning("worker failed", worker=worker, tick=step.tick, reason=failure.reason)
-        link = await _replace(core, worker, step.tick)
+        try:
+            link = await _replace(core, worker, step.tick)
+        except RestartBudgetExceeded as exhausted:
+            partitions = core.replication.take_down(worker)
+            core.log.error(
+                "partitions quarantined: their worker keeps dying; the rest of the world "
+                "ticks on, restart meshd to retry them",
+                worker=worker,
+                tick=step.tick,
+                reason=exhausted.reason,
+                partitions=partitions,
+            )
+            return
 
 
 async def _replace(core: Core, worker: int, tick: int) -> WorkerLink:
@@ -381,12 +395,15 @@ async def serve(
     """Run the world until ``ticks`` more ticks are done or a stop signal arrives.
 
     Raises :class:`ConfigError` or :class:`StartupError` before any tick if
-    the configuration, plugins or data folder are unusable, and
-    :class:`~meshd._supervisor.WorkerFailed` if a worker dies.
+    the configuration, plugins or data folder are unusable, or
+    :class:`~meshd._supervisor.WorkerFailed` if the workers cannot be started.
     """
     from meshd._admin import serve_admin
 
     log = get_logger(component="core")
+    # Past a file size limit, writes must fail with EFBIG (retried like a
+    # full disk) instead of killing the core.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     plugins = load_plugin_set(config)
     data_dir = config.data_dir
     lock_fd = lock_data_dir(data_dir)

@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from meshd._layout import Layout
+from meshd._layout import Layout, sorted_leaves
 from meshd._messages import Reply, Restore, Step, WorldParams
 from meshd._plugin import PluginSet
 from meshd._snapshot import Delta, Row, WorldSnapshot, to_row, world_hash
@@ -98,6 +98,7 @@ class Replication:
         self.quarantined: set[int] = set(snapshot.quarantined)
         self.error_streaks: dict[int, int] = {}
         self.checkpoint_tick = snapshot.tick
+        self.down: set[int] = set()
         for record in sorted(self.records.values()):
             self._place(record)
         self._route_events(snapshot.events)
@@ -107,12 +108,15 @@ class Replication:
     # -- building steps -------------------------------------------------
 
     def build_steps(self, tick: int, checkpoint: bool) -> dict[int, Step]:
-        """One ``Step(tick)`` per worker, emptying the outboxes."""
+        """One ``Step(tick)`` per live worker, emptying the outboxes."""
         if tick != self.tick + 1:
             raise ValueError(f"tick {tick} does not follow committed tick {self.tick}")
         steps = {}
         for worker in self.layout.workers:
             box = self.outboxes[worker]
+            if worker in self.down:
+                self.outboxes[worker] = Outbox()
+                continue
             steps[worker] = Step(
                 tick=tick,
                 epoch=0,
@@ -224,6 +228,21 @@ class Replication:
         )
         return restore, list(self.step_log[worker])
 
+    def take_down(self, worker: int) -> list[str]:
+        """Stop simulating ``worker``'s partitions; return them.
+
+        For a worker slot whose every incarnation dies (its restart budget
+        is spent): its entities freeze as the core last knew them (the last
+        checkpoint, or a later border report), entities that walk into its
+        partitions freeze there, events sent to them are dropped, and the
+        other workers keep seeing them as ghosts. Lasts until the core
+        restarts.
+        """
+        self.down.add(worker)
+        self.step_log[worker].clear()
+        self.outboxes[worker] = Outbox()
+        return sorted_leaves(self.layout.leaves_of(worker))
+
     def _count_errors(self, report: CommitReport) -> None:
         """Quarantine entities whose systems failed ``quarantine_after`` ticks in a row."""
         streaks = {}
@@ -273,7 +292,7 @@ class Replication:
         dropped = 0
         for event in events:
             owner = self.owner.get(event[0])
-            if owner is None:
+            if owner is None or owner in self.down:
                 dropped += 1
                 continue
             self.outboxes[owner].events.append(event)

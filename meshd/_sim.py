@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 
 from meshd._layout import Layout, clamp
 from meshd._messages import Reply, Restore, Step, WorldParams
-from meshd._plugin import EventHandler, PluginSet, System
+from meshd._plugin import EventHandler, KindCodec, PluginSet, System
+from meshd._wire import check_wire_value
 
 _MASK64 = (1 << 64) - 1
 
@@ -232,6 +233,7 @@ class Context:
         assert me is not None
         if name not in self._plugins.handlers:
             raise KeyError(f"no plugin handles event {name!r}")
+        check_wire_value(data)
         self.events.append([int(target), me.id, self._sent, name, data])
         self._sent += 1
 
@@ -246,6 +248,8 @@ class Context:
             state = codec.cls()
         elif type(state) is not codec.cls:
             raise TypeError(f"state of a {kind} must be a {codec.cls.__name__}")
+        values = codec.to_wire(state)
+        check_wire_value(values)
         size = self.world_size
         self.spawns.append(
             [
@@ -255,7 +259,7 @@ class Context:
                 clamp(float(x), size),
                 clamp(float(y), size),
                 float(z),
-                codec.to_wire(state),
+                values,
             ]
         )
         self._spawned += 1
@@ -273,13 +277,15 @@ def run_entity(
     inbox: Sequence[Event],
     handlers: dict[str, EventHandler],
     systems: Sequence[System],
-    state_type: type,
+    codec: KindCodec,
     max_step: float,
 ) -> str | None:
     """Run one entity's event handlers and systems; return an error text or None.
 
-    On any plugin error the entity keeps its previous state and everything it
-    emitted this tick is withdrawn, so a faulty entity cannot corrupt others.
+    On any plugin error (including a move faster than ``max_step`` or a new
+    state that cannot cross the wire) the entity keeps its previous state and
+    everything it emitted this tick is withdrawn, so a faulty entity cannot
+    corrupt others or the worker's reply.
     """
     ctx.begin(entity, prev)
     marks = len(ctx.events), len(ctx.spawns)
@@ -300,8 +306,10 @@ def run_entity(
             entity.z = float(entity.z)
             if not math.isfinite(entity.z):
                 raise ValueError("z is not finite")
-        if type(entity.state) is not state_type:
-            raise TypeError(f"state must stay a {state_type.__name__}")
+        if entity.state is not prev.state:
+            if type(entity.state) is not codec.cls:
+                raise TypeError(f"state must stay a {codec.cls.__name__}")
+            check_wire_value(codec.to_wire(entity.state))
     except Exception as exc:
         entity.x, entity.y, entity.z, entity.state = prev.x, prev.y, prev.z, prev.state
         del ctx.events[marks[0] :]
@@ -354,6 +362,8 @@ class WorldBuilder:
             raise KeyError(f"unknown entity kind {kind!r}")
         entity_id = len(self.records) + 1
         state = codec.cls() if state is None else state
+        values = codec.to_wire(state)
+        check_wire_value(values)
         self.records.append(
             [
                 entity_id,
@@ -361,7 +371,7 @@ class WorldBuilder:
                 clamp(float(x), self.size),
                 clamp(float(y), self.size),
                 float(z),
-                codec.to_wire(state),
+                values,
             ]
         )
         return entity_id
@@ -485,7 +495,7 @@ class WorkerSim:
                     inbox.get(entity.id, no_events),
                     handlers,
                     systems[entity.kind],
-                    codecs[entity.kind].cls,
+                    codecs[entity.kind],
                     max_step[entity.kind],
                 )
                 if error is not None:

@@ -111,5 +111,7 @@ class Store:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (disk full, I/O).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise

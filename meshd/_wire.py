@@ -25,6 +25,10 @@ DEFAULT_MAX_FRAME = 1 << 20
 """Frame cap for untrusted peers."""
 
 MAX_DEPTH = 32
+MAX_VALUE_DEPTH = 16
+"""Nesting allowed inside one plugin value, leaving room for the message around it."""
+WIRE_INT_RANGE = range(-(1 << 64), 1 << 64)
+"""Integers CBOR carries without a bignum tag (which the strict decoder refuses)."""
 
 
 class WireError(Exception):
@@ -61,6 +65,39 @@ def make_converter() -> cattrs.Converter:
 
 
 CONVERTER = make_converter()
+
+
+def check_wire_value(value: Any, depth: int = 0) -> None:
+    """Raise ``ValueError`` unless ``value`` crosses a process boundary unchanged.
+
+    Plugin data (entity state, event data) may hold ``None``, booleans,
+    64-bit integers, floats, strings, bytes, lists, tuples (they arrive as
+    lists) and dicts with string keys, nested at most ``MAX_VALUE_DEPTH``
+    deep. Checked where the plugin produced the value, so a bad value fails
+    that one entity's tick instead of a whole worker's reply.
+    """
+    kind = type(value)
+    if kind is float or kind is str or kind is bool or value is None:
+        return
+    if kind is int:
+        if value not in WIRE_INT_RANGE:
+            raise ValueError(f"integer {value} does not fit in 64 bits")
+        return
+    if depth >= MAX_VALUE_DEPTH:
+        raise ValueError(f"value nested deeper than {MAX_VALUE_DEPTH} levels")
+    if kind is list or kind is tuple:
+        for item in value:
+            check_wire_value(item, depth + 1)
+    elif kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ValueError(f"dict key {key!r} is not a string")
+            check_wire_value(item, depth + 1)
+    elif kind is not bytes:
+        raise ValueError(
+            f"a {kind.__name__} value cannot travel between processes "
+            "(use None, bool, int, float, str, bytes, list, tuple or dict with str keys)"
+        )
 
 
 def frame(body: bytes) -> bytes:

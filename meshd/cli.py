@@ -146,7 +146,7 @@ def _cell(value: Any) -> str:
         return " ".join(str(v) if not isinstance(v, float) else f"{v:g}" for v in value)
     if isinstance(value, dict):
         return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
-    return str(value)
+    return "-" if value is None else str(value)
 
 
 def _pairs(value: dict[str, Any], title: str) -> None:

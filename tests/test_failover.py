@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import sqlite3
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -217,29 +219,164 @@ def test_an_entity_that_keeps_failing_is_quarantined_everywhere_alike(tmp_path: 
     assert len(hashes) == 1
 
 
-def test_a_locked_database_delays_persistence_but_not_the_world(tmp_path: Path) -> None:
-    folder = tmp_path / "locked"
+def test_a_partition_taken_down_freezes_while_the_rest_ticks_on() -> None:
+    plugins = plugins_for("tavern", npcs=300, throw_chance=0.05, drop_chance=0.01)
+    world = TAVERN_WORLD
+    layout = Layout.grid(world.size, world.halo, 2, 2)
+    mesh = InProcessMesh(plugins, world, layout, new_world(plugins, world))
+    mesh.run(12, persist_every=5)
+    repl = mesh.replication
+    assert repl.take_down(0) == ["1/0/0", "1/0/1"]
+    frozen = {i: repl.records[i] for i, owner in repl.owner.items() if owner == 0}
+    live = {i: repl.records[i] for i, owner in repl.owner.items() if owner == 1}
+    population = len(repl.owner)
+    for tick in range(13, 53):
+        report = mesh.tick(checkpoint=tick % 5 == 0 or tick == 52)
+        population += report.spawned - report.despawned
+        assert repl.tick == tick and len(repl.owner) == population
+        assert set(repl.owner) == set(repl.records)
+        arriving = {record[0] for record, _targets in repl.outboxes[1].acquire}
+        held = set(mesh.sims[1].entities) | arriving
+        assert held == {i for i, w in repl.owner.items() if w == 1}
+        for entity_id, owner in repl.owner.items():  # every entity where its position says
+            record = repl.records[entity_id]
+            assert owner == repl.layout.owner_of(record[2], record[3])
+    assert all(repl.records[i] is record for i, record in frozen.items())
+    moved = [i for i, record in live.items() if i in repl.records and repl.records[i] != record]
+    assert len(moved) > len(live) // 2
+    arrived = {i for i, w in repl.owner.items() if w == 0} - set(frozen)
+    assert arrived, "someone walked into the frozen half and stayed there"
+
+
+BOMB = textwrap.dedent(
+    """
+    import os
+    import attrs
+    from meshd import Kind, Plugin
+
+    @attrs.frozen
+    class Walker:
+        steps: int = 0
+
+    @attrs.frozen
+    class Bomb:
+        pass
+
+    def walk(me, ctx):
+        me.y = (me.y + 0.5) % 100.0
+        me.state = Walker(me.state.steps + 1)
+
+    def tick_tock(me, ctx):
+        if ctx.tick >= 20:
+            os._exit(3)  # takes the whole worker down, every time it gets here
+
+    def create_world(world):
+        world.spawn("bomb", 10.0, 50.0)
+        for i in range(20):
+            world.spawn("walker", 5.0 + 5.0 * i, 1.0)
+
+    plugin = Plugin(
+        name="bomb",
+        kinds={
+            "walker": Kind(Walker, systems=(walk,), max_speed=20.0, radius=1.0),
+            "bomb": Kind(Bomb, systems=(tick_tock,)),
+        },
+        create_world=create_world,
+    )
+    """
+)
+
+
+def test_a_slot_that_keeps_dying_is_quarantined_and_the_rest_ticks_on(tmp_path: Path) -> None:
+    (tmp_path / "bomb.py").write_text(BOMB)
+    config = write_config(
+        tmp_path,
+        {
+            "world": {"size": 100.0, "halo": 2.0},
+            "mesh": {"grid": 2},
+            "supervise": {"max_restarts": 2, "restart_window": 120.0},
+            "plugins": {"load": ["bomb"], "dirs": [str(tmp_path)]},
+        },
+    )
+    daemon = start_daemon(config, "--rate", "25", "--workers", "2")
+    try:
+        status = wait_for_status(config, lambda s: s["quarantined_partitions"], daemon=daemon)
+        assert status["quarantined_partitions"] == ["1/0/0", "1/0/1"]
+        assert status["failovers"] == 3  # two restarts, then the budget is spent
+        workers = meshd_json("inspect", "workers", "--config", str(config))
+        assert [(w["id"], w["state"]) for w in workers] == [(0, "quarantined"), (1, "running")]
+        frozen_walker = meshd_json("inspect", "entity", "2", "--config", str(config))
+        live_walker = meshd_json("inspect", "entity", "21", "--config", str(config))
+        later = wait_for_status(config, lambda s: s["tick"] >= status["tick"] + 20, daemon=daemon)
+        assert later["quarantined_partitions"] == status["quarantined_partitions"]
+        assert meshd_json("inspect", "entity", "2", "--config", str(config)) == frozen_walker
+        assert meshd_json("inspect", "entity", "21", "--config", str(config)) != live_walker
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+        assert "partitions quarantined" in daemon.stderr.read()
+    finally:
+        daemon.kill()
+    world = meshd_json("inspect", "world", "--config", str(config))
+    assert world["tick"] > later["tick"] and world["entities"] == 21
+
+
+class LockedDatabase:
+    """Another process holds the database's write lock."""
+
+    error = "database is locked"
+
+    def __init__(self, folder: Path, _daemon: subprocess.Popen[str]) -> None:
+        self.blocker = sqlite3.connect(folder / "data" / "world.db", isolation_level=None)
+
+    def start(self) -> None:
+        self.blocker.execute("BEGIN EXCLUSIVE")
+
+    def end(self) -> None:
+        self.blocker.execute("ROLLBACK")
+        self.blocker.close()
+
+
+class FullDisk:
+    """Every write past the first KiB of a file fails (EFBIG), as on a full disk."""
+
+    error = "disk I/O error"
+
+    def __init__(self, _folder: Path, daemon: subprocess.Popen[str]) -> None:
+        self.pid = daemon.pid
+
+    def start(self) -> None:
+        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    def end(self) -> None:
+        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+
+
+@pytest.mark.parametrize("fault", [LockedDatabase, FullDisk])
+def test_a_failing_database_delays_persistence_but_not_the_world(tmp_path: Path, fault) -> None:
+    folder = tmp_path / "failing"
     folder.mkdir()
-    config = write_config(folder, {**TAVERN, "tick": {"persist_every": 2}})
+    failing_world = {**TAVERN, "tick": {"persist_every": 2}}
+    config = write_config(folder, failing_world)
     daemon = start_daemon(config, "--rate", "40", "--seed", "7", "--workers", "2")
     try:
         wait_for_status(config, lambda s: s["persisted_tick"] >= 4, daemon=daemon)
-        blocker = sqlite3.connect(folder / "data" / "world.db", isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
-        locked = wait_for_status(config, lambda s: s["persist_failures"] >= 2)
-        later = wait_for_status(config, lambda s: s["tick"] >= locked["tick"] + 40)
-        assert later["persisted_tick"] <= locked["tick"]  # nothing written, ticking goes on
-        blocker.execute("ROLLBACK")
-        wait_for_status(config, lambda s: s["persisted_tick"] > later["tick"])
+        storage = fault(folder, daemon)
+        storage.start()
+        failing = wait_for_status(config, lambda s: s["persist_failures"] >= 2, daemon=daemon)
+        later = wait_for_status(config, lambda s: s["tick"] >= failing["tick"] + 40)
+        assert later["persisted_tick"] <= failing["tick"]  # nothing written, ticking goes on
+        storage.end()
+        wait_for_status(config, lambda s: s["persisted_tick"] > later["tick"], daemon=daemon)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
-        assert "persist failed" in daemon.stderr.read()
-        blocker.close()
+        logged = daemon.stderr.read()
+        assert "persist failed" in logged and fault.error in logged
     finally:
         daemon.kill()
+    with sqlite3.connect(folder / "data" / "world.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     final = meshd_json("inspect", "world", "--config", str(config), "--hash")
-    locked_world = {**TAVERN, "tick": {"persist_every": 2}}
-    assert run_world(tmp_path / "straight", locked_world, "--ticks", str(final["tick"])) == final
+    assert run_world(tmp_path / "straight", failing_world, "--ticks", str(final["tick"])) == final
 
 
 def test_sigterm_during_a_failover_still_writes_the_final_tick(tmp_path: Path) -> None:

@@ -123,6 +123,55 @@ def test_a_failing_entity_keeps_its_state_and_the_world_goes_on(tmp_path: Path) 
     assert sum(r.dropped_events for r in reports) == 0
 
 
+UNSENDABLE = textwrap.dedent(
+    """
+    import attrs
+    from meshd import Kind, Plugin
+
+    @attrs.frozen
+    class Counter:
+        value: int = 0
+
+    def grow(me, ctx):
+        me.x += 0.5
+        if me.id == 2 and ctx.tick >= 3:
+            me.state = Counter(2**70)  # needs a CBOR bignum: cannot cross the wire
+        elif me.id == 3 and ctx.tick >= 3:
+            ctx.send(1, "poke", {"ids": {1, 2}})  # a set cannot either
+        else:
+            me.state = Counter(me.state.value + 1)
+
+    def on_poke(me, event, ctx):
+        pass
+
+    def create_world(world):
+        for i in range(3):
+            world.spawn("counter", 10.0 + 40.0 * i, 10.0)
+
+    plugin = Plugin(
+        name="unsendable",
+        kinds={"counter": Kind(Counter, systems=(grow,), max_speed=20.0, radius=1.0)},
+        events={"poke": on_poke},
+        create_world=create_world,
+    )
+    """
+)
+
+
+def test_state_that_cannot_cross_the_wire_fails_only_its_entity(tmp_path: Path) -> None:
+    (tmp_path / "unsendable.py").write_text(UNSENDABLE)
+    plugins = load_plugins(["unsendable"], [tmp_path], {}, CONVERTER)
+    world = WorldParams(size=100.0, seed=1, dt=0.05, halo=5.0)
+    mesh = InProcessMesh(plugins, world, Layout.grid(100.0, 5.0, 4, 4), new_world(plugins, world))
+    reports = mesh.run(6)  # every message really goes through the codec
+    records = mesh.replication.records
+    assert records[1][2] == pytest.approx(13.0) and list(records[1][5]) == [6]
+    assert records[2][2] == pytest.approx(51.0) and list(records[2][5]) == [2]  # kept tick 2's
+    assert records[3][2] == pytest.approx(91.0) and list(records[3][5]) == [2]
+    errors = {entity: text for r in reports for _w, entity, text in r.errors}
+    assert "64 bits" in errors[2] and "set value cannot travel" in errors[3]
+
+
 def test_mutable_state_classes_are_refused(tmp_path: Path) -> None:
     (tmp_path / "mutable.py").write_text(
         FAULTY.replace("@attrs.frozen", "@attrs.define").replace('"faulty"', '"mutable"')

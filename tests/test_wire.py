@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import cbor2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd._messages import Fatal, Hello, Init, Reply, Step, WorldParams
-from meshd._wire import FrameDecoder, WireError, decode_cbor, decode_message, encode_message, frame
+from meshd._wire import (
+    FrameDecoder,
+    WireError,
+    check_wire_value,
+    decode_cbor,
+    decode_message,
+    encode_message,
+    frame,
+)
 
 ALL = (Hello, Init, Step, Reply, Fatal)
 finite = st.floats(allow_nan=False, allow_infinity=False)
@@ -135,3 +145,45 @@ def test_decode_cbor_accepts_plain_values() -> None:
     assert decode_cbor(cbor2.dumps({"a": [1, 2.5, "x", None, True]})) == {
         "a": [1, 2.5, "x", None, True]
     }
+
+
+plugin_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5)
+    | st.sampled_from([{1, 2}, frozenset(), 1j, object()]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=3) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(plugin_values)
+def test_plugin_values_that_pass_the_check_cross_the_wire(value) -> None:
+    try:
+        check_wire_value(value)
+    except ValueError:
+        return
+    decode_cbor(cbor2.dumps(value))  # raises WireError if the check let a bad value through
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (2**64, "64 bits"),
+        (-(2**64) - 1, "64 bits"),
+        ([1, {"deep": [2**70]}], "64 bits"),
+        ({1: "x"}, "not a string"),
+        ({"a": {2, 3}}, "set value cannot travel"),
+        (functools.reduce(lambda acc, _: [acc], range(20), 0), "nested deeper"),
+    ],
+)
+def test_plugin_values_that_cannot_cross_are_named(value, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        check_wire_value(value)

@@ -23,7 +23,7 @@ from meshd._wire import FrameDecoder, WireError, decode_message, encode_message,
 if TYPE_CHECKING:
     from meshd._core import Core
 
-VIEWS = ("status", "workers", "partitions", "entity", "world")
+VIEWS = ("status", "workers", "partitions", "entity", "world", "stats", "map")
 HASH_TIMEOUT = 30.0
 
 
@@ -98,8 +98,10 @@ def workers_view(core: Core) -> list[dict[str, Any]]:
 
 
 def partitions_view(core: Core) -> list[dict[str, Any]]:
+    """Every leaf; ``cost_ms`` is the planner's moving average when the mesh is dynamic."""
     repl = core.replication
     layout = repl.layout
+    costs = core.planner.cost if core.planner is not None else repl.cost_ms
     return [
         {
             "id": leaf,
@@ -108,10 +110,29 @@ def partitions_view(core: Core) -> list[dict[str, Any]]:
             "worker": layout.owners[leaf],
             "quarantined": layout.owners[leaf] in repl.down,
             "entities": repl.counts.get(leaf, 0),
-            "cost_ms": _round(repl.cost_ms.get(leaf, 0.0)),
+            "cost_ms": _round(costs.get(leaf, 0.0)),
         }
         for leaf in sorted_leaves(layout.owners)
     ]
+
+
+def stats_view(core: Core) -> dict[str, Any]:
+    """The cost report: worker-seconds used against static provisioning for the peak."""
+    return core.usage.report(time.process_time())
+
+
+def map_view(core: Core) -> dict[str, Any]:
+    """What ``inspect map`` draws: the world square, the leaves, and every entity's position."""
+    repl = core.replication
+    return {
+        "size": repl.world.size,
+        "tick": repl.tick,
+        "partitions": [
+            {"bounds": repl.layout.rects[leaf].as_list(), "worker": worker}
+            for leaf, worker in sorted(repl.layout.owners.items())
+        ],
+        "entities": [[record[2], record[3], record[1]] for record in repl.records.values()],
+    }
 
 
 def entity_view(core: Core, entity_id: int) -> dict[str, Any]:
@@ -157,6 +178,10 @@ async def answer(core: Core, request: AdminRequest) -> AdminAnswer:
             result = entity_view(core, request.entity)
         elif request.view == "world":
             result = await world_view(core, request.hash)
+        elif request.view == "stats":
+            result = stats_view(core)
+        elif request.view == "map":
+            result = map_view(core)
         else:
             raise ValueError(f"unknown view {request.view!r}; one of {', '.join(VIEWS)}")
     except (KeyError, ValueError, trio.TooSlowError) as exc:

@@ -106,6 +106,7 @@ def _sim_config(
             "tick.rate": rate,
             "tick.checkpoint_every": checkpoint_every,
             "supervise.max_restarts": 1_000_000,
+            "mesh.mode": "static",
             "mesh.workers": workers,
             "data.dir": str(data_dir),
             "log.level": "warning",

@@ -51,9 +51,25 @@ class DataConfig:
 
 @attrs.frozen
 class MeshConfig:
+    mode: Literal["dynamic", "static"] = "dynamic"
     workers: int = 2
+    """Static mode: the fixed worker count."""
     grid: int = 4
+    """Static mode: grid x grid partitions; dynamic mode: the starting grid."""
     step_deadline: float = 0.25
+    min_workers: int = 1
+    max_workers: int = 0
+    """0 = the number of CPU cores."""
+    utilisation: float = 0.7
+    budget_ms: float = 0.0
+    """CPU ms one worker may spend per tick; 0 = the tick interval x ``utilisation``."""
+    split: float = 0.25
+    merge: float = 0.08
+    imbalance: float = 0.2
+    min_cell: float = 0.0
+    """Metres; 0 = four halos (or world.size / 64 if larger)."""
+    dwell: float = 2.0
+    cooldown: float = 3.0
 
 
 @attrs.frozen
@@ -178,6 +194,28 @@ def _validate(config: Config) -> list[str]:
         mesh.grid,
     )
     need(mesh.step_deadline > 0, "mesh.step_deadline", "seconds > 0", mesh.step_deadline)
+    need(mesh.min_workers >= 1, "mesh.min_workers", "a worker count >= 1", mesh.min_workers)
+    need(
+        mesh.max_workers == 0 or mesh.max_workers >= mesh.min_workers,
+        "mesh.max_workers",
+        f"0 (= CPU cores) or a count >= mesh.min_workers ({mesh.min_workers})",
+        mesh.max_workers,
+    )
+    need(0 < mesh.utilisation <= 1, "mesh.utilisation", "a share in (0, 1]", mesh.utilisation)
+    need(mesh.budget_ms >= 0, "mesh.budget_ms", "milliseconds >= 0", mesh.budget_ms)
+    need(0 < mesh.split <= 1, "mesh.split", "a share of the budget in (0, 1]", mesh.split)
+    need(
+        0 <= mesh.merge < mesh.split,
+        "mesh.merge",
+        f"a share of the budget below mesh.split ({mesh.split})",
+        mesh.merge,
+    )
+    need(
+        0 < mesh.imbalance <= 1, "mesh.imbalance", "a share of the budget in (0, 1]", mesh.imbalance
+    )
+    need(mesh.min_cell >= 0, "mesh.min_cell", "metres >= 0 (0 = automatic)", mesh.min_cell)
+    need(mesh.dwell >= 0, "mesh.dwell", "seconds >= 0", mesh.dwell)
+    need(mesh.cooldown >= 0, "mesh.cooldown", "seconds >= 0", mesh.cooldown)
     supervise = config.supervise
     need(supervise.spares >= 0, "supervise.spares", "a count >= 0", supervise.spares)
     need(

@@ -25,12 +25,14 @@ from meshd._config import Config, ConfigError
 from meshd._layout import Layout
 from meshd._logging import get_logger
 from meshd._messages import Init, Reply, Step, WorldParams
+from meshd._planner import Planner, PlannerSettings
 from meshd._plugin import PluginSet, load_plugins
 from meshd._replication import Replication
 from meshd._sim import create_world
 from meshd._snapshot import Delta, WorldSnapshot
 from meshd._store import Store
 from meshd._supervisor import RestartBudgetExceeded, Supervisor, WorkerFailed, WorkerLink
+from meshd._usage import Sample, Usage
 from meshd._wire import CONVERTER
 
 DB_NAME = "world.db"
@@ -38,6 +40,8 @@ SOCKET_NAME = "meshd.sock"
 LOCK_NAME = "meshd.lock"
 PERSIST_RETRY_MAX = 5.0
 STARTUP_DEADLINE = 10.0
+NOMINAL_RATE = 20.0
+"""Ticks per second the planner budgets for when ``tick.rate`` is 0 (as fast as possible)."""
 
 
 class StartupError(Exception):
@@ -55,6 +59,8 @@ class RunSummary:
     tick_ms: list[float]
     workers: int
     hash: str
+    usage: dict[str, Any] = attrs.field(factory=dict)
+    timeline: list[Sample] = attrs.field(factory=list)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,12 +91,30 @@ def load_plugin_set(config: Config) -> PluginSet:
     return plugins
 
 
-def effective_grid(config: Config) -> int:
+def effective_grid(config: Config, workers: int) -> int:
     """The configured grid, widened so every worker gets at least one strip."""
     grid = config.mesh.grid
-    while grid < config.mesh.workers:
+    while grid < workers:
         grid *= 2
     return grid
+
+
+def planner_settings(config: Config) -> PlannerSettings:
+    """The planner's thresholds from ``[mesh]``, in CPU ms per tick and ticks."""
+    mesh, world = config.mesh, config.world
+    rate = config.tick.rate or NOMINAL_RATE
+    budget = mesh.budget_ms or 1000.0 / rate * mesh.utilisation
+    return PlannerSettings(
+        budget_ms=budget,
+        split_ms=mesh.split * budget,
+        merge_ms=mesh.merge * budget,
+        imbalance_ms=mesh.imbalance * budget,
+        min_cell=mesh.min_cell or max(4 * world.halo, world.size / 64),
+        min_workers=mesh.min_workers,
+        max_workers=max(mesh.max_workers or os.cpu_count() or 1, mesh.min_workers),
+        dwell_ticks=round(mesh.dwell * rate),
+        cooldown_ticks=round(mesh.cooldown * rate),
+    )
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -157,8 +181,11 @@ class Core:
         replication: Replication,
         supervisor: Supervisor,
         store: Store,
+        planner: Planner | None = None,
     ) -> None:
         self.config = config
+        self.planner = planner
+        self.usage = Usage(config.mesh.mode)
         self.plugins = plugins
         self.replication = replication
         self.supervisor = supervisor
@@ -254,6 +281,9 @@ async def _tick_loop(
             for worker, step in steps.items():
                 nursery.start_soon(_run_step, core, worker, step, replies)
         report = repl.commit(tick, list(replies.values()), checkpoint)
+        if core.planner is not None:
+            for reply in replies.values():
+                core.planner.observe(reply.cost_ms)
         for failover in reversed(core.failover_log):
             if failover.committed_at is not None:
                 break
@@ -277,11 +307,21 @@ async def _tick_loop(
         core.tick_ms.append(elapsed)
         tick_ms.append(elapsed)
         core.tick_times.append(time.monotonic())
+        core.usage.tick(
+            time.monotonic(),
+            tick,
+            len(links),
+            len(repl.layout.owners),
+            elapsed,
+            sum(reply.cpu_ms for reply in replies.values()),
+        )
         entity_ticks += len(repl.owner)
         if checkpoint:
             await _checkpoint(core, persist, final, persist_now)
         if final:
             break
+        if checkpoint and core.planner is not None:
+            await _replan(core, core.planner)
         if rate > 0:
             next_at = max(next_at + 1.0 / rate, trio.current_time() - 1.0 / rate)
             await trio.sleep_until(next_at)
@@ -295,6 +335,50 @@ async def _tick_loop(
         tick_ms=tick_ms,
         workers=len(links),
         hash="",
+        usage=core.usage.report(time.process_time()),
+        timeline=list(core.usage.timeline),
+    )
+
+
+async def _replan(core: Core, planner: Planner) -> None:
+    """Ask the planner about the layout; apply its plan at this tick boundary.
+
+    Runs right after a checkpoint commit, when the core holds all of
+    ``S(T)``: new workers come from warm spares, every live worker gets its
+    new share as a ``Restore`` (a bulk handoff), drained workers are stopped.
+    """
+    repl, supervisor = core.replication, core.supervisor
+    plan = planner.plan(
+        repl.tick, repl.layout, frozen_workers=repl.down, can_start=bool(supervisor.spares)
+    )
+    if plan is None:
+        return
+    started = time.perf_counter()
+    for worker in plan.started:
+        await supervisor.add_worker(worker)
+    layout = Layout(repl.world.size, repl.world.halo, plan.owners)
+    restores, handoffs = repl.relayout(layout)
+    for worker, restore in restores.items():
+        try:
+            await supervisor.links[worker].send(restore)
+        except WorkerFailed as failure:
+            # The next step finds it failed and replaces it from the new checkpoint.
+            core.log.warning("worker failed", worker=worker, reason=failure.reason)
+    for worker in plan.stopped:
+        await supervisor.retire(worker)
+    core.usage.plan(plan, handoffs)
+    core.log.info(
+        "mesh reshaped",
+        tick=repl.tick,
+        split=plan.splits,
+        merged=plan.merges,
+        moved=len(plan.moves),
+        started=plan.started,
+        stopped=plan.stopped,
+        handoffs=handoffs,
+        workers=len(layout.workers),
+        leaves=len(layout.owners),
+        ms=round((time.perf_counter() - started) * 1000, 1),
     )
 
 
@@ -425,10 +509,13 @@ async def serve(
             log.info("created a new world", entities=len(snapshot.records), seed=world.seed)
         else:
             log.info("loaded world", tick=snapshot.tick, entities=len(snapshot.records))
-        layout = Layout.grid(world.size, world.halo, effective_grid(config), config.mesh.workers)
+        dynamic = config.mesh.mode == "dynamic"
+        workers = config.mesh.min_workers if dynamic else config.mesh.workers
+        layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
         replication = Replication(
             plugins, world, layout, snapshot, quarantine_after=config.supervise.quarantine_after
         )
+        planner = Planner(planner_settings(config), layout, snapshot.tick) if dynamic else None
         supervisor = Supervisor(
             Init(
                 world=world,
@@ -440,7 +527,7 @@ async def serve(
             restart_window=config.supervise.restart_window,
             spares=config.supervise.spares,
         )
-        core = Core(config, plugins, replication, supervisor, store)
+        core = Core(config, plugins, replication, supervisor, store, planner)
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)
         async with trio.open_nursery() as outer:
             outer.start_soon(_persist_loop, core, receive_delta)
@@ -450,9 +537,11 @@ async def serve(
                 services.start_soon(_watch_signals, core)
                 await services.start(serve_admin, core, data_dir / SOCKET_NAME)
                 await supervisor.start_all(layout.workers)
+                core.usage.begin(time.monotonic(), time.process_time(), len(supervisor.links))
                 services.start_soon(supervisor.refill_spares)
                 log.info(
                     "serving",
+                    mode=config.mesh.mode,
                     workers=len(layout.workers),
                     partitions=len(layout.owners),
                     tick=replication.tick,
@@ -473,6 +562,7 @@ async def serve(
             persisted=core.persisted_tick,
             ticks=summary.last_tick - summary.first_tick + 1,
         )
+        log.info("cost report", **summary.usage)
         return summary
     finally:
         if supervisor is not None:

@@ -228,6 +228,57 @@ class Replication:
         )
         return restore, list(self.step_log[worker])
 
+    def relayout(self, layout: Layout) -> tuple[dict[int, Restore], int]:
+        """Switch to ``layout`` right after a checkpoint commit: a bulk handoff.
+
+        Every entity is re-homed by its position under the new layout. The
+        core holds all of ``S(T)`` at a checkpoint, so each worker whose
+        share changed (an entity or a ghost moved in or out) gets a
+        ``Restore`` with its whole new share and drops what it held; events
+        already routed to it are routed again. The other workers keep their
+        outboxes and get the new layout with their next step (a split or
+        merge inside one worker costs nothing more). Returns the restores and
+        how many entities changed owner. A new checkpoint is taken on the new
+        layout, so a failover right after replays from it.
+        """
+        if self.checkpoint_tick != self.tick:
+            raise RuntimeError("the layout can only change right after a checkpoint commit")
+        old_owner, old_targets = self.owner, self.targets
+        self.layout = layout
+        self.owner, self.targets = {}, {}
+        affected = set(layout.workers) - set(self.outboxes)
+        moved = 0
+        for entity_id, record in self.records.items():
+            x, y = record[2], record[3]
+            leaf = layout.partition_of(x, y)
+            owner = self.owner[entity_id] = layout.owners[leaf]
+            targets = (
+                () if layout.safe_rect(leaf).contains(x, y) else layout.ghost_targets(x, y, owner)
+            )
+            if targets:
+                self.targets[entity_id] = targets
+            was = old_owner.get(entity_id)
+            if was != owner:
+                affected.update((was, owner))
+                moved += 1
+            previous = old_targets.get(entity_id, ())
+            if previous != targets:
+                affected.update(set(previous).symmetric_difference(targets))
+        live = [w for w in layout.workers if w not in self.down]
+        for worker in affected:
+            self.outboxes[worker] = Outbox()
+        self.outboxes = {w: self.outboxes[w] for w in layout.workers}
+        for event in self.pending_events:
+            if self.owner.get(event[0]) in affected:
+                self.outboxes[self.owner[event[0]]].events.append(event)
+        self.counts = {leaf: n for leaf, n in self.counts.items() if leaf in layout.owners}
+        self.cost_ms = {leaf: ms for leaf, ms in self.cost_ms.items() if leaf in layout.owners}
+        self.step_log = {w: [] for w in layout.workers}
+        self.layout_pending = {w for w in live if w not in affected}
+        self.checkpoint = self._take_checkpoint()
+        restores = {w: self.recovery(w)[0] for w in live if w in affected}
+        return restores, moved
+
     def take_down(self, worker: int) -> list[str]:
         """Stop simulating ``worker``'s partitions; return them.
 

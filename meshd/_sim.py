@@ -422,15 +422,34 @@ class WorkerSim:
         return View(entity_id, kind, x, y, z, self.plugins.codecs[kind].from_wire(state))
 
     def _set_layout(self, owners: dict[str, int]) -> None:
+        """Adopt a new layout: re-file owned entities by leaf, recompute their ghost targets.
+
+        The core computes the same targets from the same positions, so both
+        sides agree without sending them.
+        """
         self.layout = layout = Layout(self.world.size, self.world.halo, owners)
         self.members = {leaf: {} for leaf in layout.leaves_of(self.worker)}
+        self.targets = {}
         for entity in self.entities.values():
-            self.members[layout.partition_of(entity.x, entity.y)][entity.id] = entity
+            x, y = entity.x, entity.y
+            leaf = layout.partition_of(x, y)
+            self.members[leaf][entity.id] = entity
+            if not layout.safe_rect(leaf).contains(x, y):
+                targets = layout.ghost_targets(x, y, self.worker)
+                if targets:
+                    self.targets[entity.id] = targets
 
     def restore(self, restore: Restore) -> None:
-        """Load a checkpoint's state (layout, owned entities, ghosts) into an empty worker."""
-        if self.entities or self.ghosts:
-            raise RuntimeError("restore needs a fresh worker")
+        """Replace everything held with a checkpoint's share (layout, owned entities, ghosts).
+
+        A replacement worker starts this way; a live worker gets one when the
+        planner changes the layout.
+        """
+        self.entities.clear()
+        self.ghosts.clear()
+        self.targets.clear()
+        self.dirty.clear()
+        self.frozen.clear()
         self._set_layout(restore.layout)
         self._apply_inbound(
             Step(
@@ -482,7 +501,7 @@ class WorkerSim:
         despawned, frozen = ctx.despawned, self.frozen
 
         for leaf, members in self.members.items():
-            leaf_started = time.perf_counter()
+            leaf_started = time.process_time()
             rect, safe = layout.rects[leaf], layout.safe_rect(leaf)
             for entity in members.values():
                 if frozen and entity.id in frozen:
@@ -533,7 +552,7 @@ class WorkerSim:
                         del targets[entity.id]
                 else:
                     dirty.add(entity.id)
-            reply.cost_ms[leaf] = (time.perf_counter() - leaf_started) * 1000.0
+            reply.cost_ms[leaf] = (time.process_time() - leaf_started) * 1000.0
 
         for entity, old_leaf, new_leaf in moves:
             del self.members[old_leaf][entity.id]

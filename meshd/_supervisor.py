@@ -232,11 +232,38 @@ class Supervisor:
             )
         history.append(now)
         if self.spares:
-            link = self.spares.pop(0)
-            await self._assign(link, worker, self._next_epoch(worker))
-            self._nursery.start_soon(self.refill_spares)
-            return link
+            return await self.add_worker(worker)
         return await self.start_worker(worker)
+
+    async def add_worker(self, worker: int) -> WorkerLink:
+        """Give slot ``worker`` to a warm spare at once, and start the next spare.
+
+        The caller checks that a spare is ready (``self.spares``): this
+        never waits for a process to boot.
+        """
+        link = self.spares.pop(0)
+        await self._assign(link, worker, self._next_epoch(worker))
+        self._nursery.start_soon(self.refill_spares)
+        return link
+
+    async def retire(self, worker: int, grace: float = 2.0) -> None:
+        """Stop slot ``worker``, which holds nothing any more: close its link, reap it.
+
+        The worker exits on EOF; one that does not within ``grace`` seconds
+        is killed, in the background.
+        """
+        link = self.links.pop(worker)
+        self.stale_frames += link.stale_frames
+        await link.stream.aclose()
+        self._log.info("worker stopped", worker=worker, epoch=link.epoch, pid=link.pid)
+
+        async def reap() -> None:
+            with trio.move_on_after(grace):
+                await link.process.wait()
+            self._kill(link.process)
+            await link.process.wait()
+
+        self._nursery.start_soon(reap)
 
     def _reap(self, process: trio.Process) -> None:
         self._nursery.start_soon(process.wait)

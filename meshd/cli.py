@@ -72,7 +72,10 @@ def serve_command(
     data: DataOption = None,
     workers: Annotated[
         int | None,
-        typer.Option(envvar="MESHD_MESH_WORKERS", help="Fixed worker count (static mesh)."),
+        typer.Option(
+            envvar="MESHD_MESH_WORKERS",
+            help="Fixed worker count: a static mesh (without it, mesh.mode decides).",
+        ),
     ] = None,
     ticks: Annotated[
         int | None, typer.Option(min=0, help="Stop gracefully after this many more ticks.")
@@ -93,6 +96,7 @@ def serve_command(
         **{
             "data.dir": str(data) if data is not None else None,
             "mesh.workers": workers,
+            "mesh.mode": "static" if workers is not None else None,
             "tick.rate": rate,
             "world.seed": seed,
             "log.json": log_json,
@@ -183,6 +187,29 @@ def inspect_partitions(
     """Partitions (quadtree leaves): bounds, owner, entities, cost."""
     result = _ask(config, data, _admin.AdminRequest("partitions"))
     _print_json(result) if as_json else _table(result, "partitions")
+
+
+@inspect_app.command("stats")
+def inspect_stats(
+    config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
+) -> None:
+    """The cost report: worker-seconds used vs. static provisioning for the peak."""
+    result = _ask(config, data, _admin.AdminRequest("stats"))
+    _print_json(result) if as_json else _pairs(result, "meshd stats")
+
+
+@inspect_app.command("map")
+def inspect_map(
+    png: Annotated[Path, typer.Option("--png", help="Write the map to this PNG file.")],
+    config: ConfigOption = None,
+    data: DataOption = None,
+) -> None:
+    """Draw the world: partitions coloured by worker, entities as dots."""
+    from meshd._plots import draw_map
+
+    result = _ask(config, data, _admin.AdminRequest("map"))
+    draw_map(result, png)
+    errors.print(f"wrote {png} (tick {result['tick']})", highlight=False)
 
 
 @inspect_app.command("entity")

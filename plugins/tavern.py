@@ -1,5 +1,10 @@
 """The tavern: NPC patrons wander, sour each other's mood, throw bottles and drop mugs.
 
+Two scenarios load the mesh the way real crowds do: a *rush* (at tick
+``rush_at`` most patrons run into the tavern, stay ``rush_ticks`` ticks, then
+run home) and a *day cycle* (patrons fall asleep at night and wake up by
+day, so the simulated population rises and falls every ``day_ticks``).
+
 Everything here exercises a mesh guarantee:
 
 - patrons read their neighbours (``ctx.nearby``), which near a partition
@@ -19,7 +24,8 @@ from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder, first_hit
 
 PERCEPTION = 4.0  # metres a patron looks around
 PERSONAL_SPACE = 1.0
-PATRON_SPEED = 2.5  # m/s, including being jostled
+WALK_SPEED = 2.5  # m/s, including being jostled
+RUN_SPEED = 6.0  # m/s, rushing to the tavern or home
 BOTTLE_SPEED = 40.0  # m/s
 BOTTLE_HIT_RADIUS = 0.6
 
@@ -27,10 +33,56 @@ BOTTLE_HIT_RADIUS = 0.6
 @attrs.frozen
 class TavernSettings:
     npcs: int = 2000
+    tavern_x: float = 0.5  # where the tavern stands, as a share of the world size
+    tavern_y: float = 0.5
     tavern_radius: float = 25.0
     crowd_share: float = 0.3
     throw_chance: float = 0.01
     drop_chance: float = 0.0005
+    rush_at: int = 0  # tick the rush starts; 0 = no rush
+    rush_ticks: int = 400  # how long the crowd stays, and how long it takes to disperse
+    rush_share: float = 0.8  # share of patrons that join the rush
+    day_ticks: int = 0  # length of a day in ticks; 0 = everyone always awake
+    night_awake: float = 0.2  # share of patrons awake at midnight (all are at noon)
+
+
+def _share(entity_id: int, step: float) -> float:
+    """A fixed number in [0, 1) per patron, evenly spread over patrons (Weyl sequence)."""
+    return (entity_id * step) % 1.0
+
+
+def awake_share(settings: TavernSettings, tick: int) -> float:
+    """Share of patrons awake at ``tick``: lowest at midnight (tick 0), all at noon."""
+    if settings.day_ticks <= 0:
+        return 1.0
+    daylight = (1 - math.cos(math.tau * tick / settings.day_ticks)) / 2
+    return settings.night_awake + (1 - settings.night_awake) * daylight
+
+
+def _errand(me: Entity, ctx: Context, settings: TavernSettings) -> tuple[float, float] | None:
+    """Where a patron is running to right now (the tavern, or home after a rush), if anywhere."""
+    since = ctx.tick - settings.rush_at
+    if settings.rush_at <= 0 or since < 0 or since >= 2 * settings.rush_ticks:
+        return None
+    if _share(me.id, 0.7548776662466927) >= settings.rush_share:
+        return None
+    size = ctx.world_size
+    if since < settings.rush_ticks:
+        return settings.tavern_x * size, settings.tavern_y * size
+    return _share(me.id, 0.5698402909980532) * size, _share(me.id, 0.3819660112501051) * size
+
+
+def _run_towards(me: Entity, ctx: Context, x: float, y: float, stop: float) -> bool:
+    """Run straight at (x, y) until within ``stop`` metres; False once there."""
+    dx, dy = x - me.x, y - me.y
+    distance = math.hypot(dx, dy)
+    if distance <= stop:
+        return False
+    stride = min(RUN_SPEED * ctx.dt, distance - stop)
+    me.x += dx / distance * stride
+    me.y += dy / distance * stride
+    me.state = attrs.evolve(me.state, heading=math.atan2(dy, dx) % math.tau)
+    return True
 
 
 @attrs.frozen
@@ -69,6 +121,11 @@ def patron(me: Entity, ctx: Context) -> None:
         me.state = attrs.evolve(state, knocked_out=left, hp=5 if left == 0 else 0)
         return
     settings: TavernSettings = ctx.settings
+    if _share(me.id, 0.6180339887498949) >= awake_share(settings, ctx.tick):
+        return  # asleep: costs nothing
+    errand = _errand(me, ctx, settings)
+    if errand is not None and _run_towards(me, ctx, *errand, stop=settings.tavern_radius / 2):
+        return
     rng = ctx.rng
     neighbours = ctx.nearby(PERCEPTION, "patron")
     push_x = push_y = 0.0
@@ -84,15 +141,15 @@ def patron(me: Entity, ctx: Context) -> None:
     if rng.random() < 0.002:
         anger = 1.0
     heading = state.heading + rng.uniform(-0.4, 0.4)
-    centre = ctx.world_size / 2
-    to_x, to_y = centre - me.x, centre - me.y
+    to_x = settings.tavern_x * ctx.world_size - me.x
+    to_y = settings.tavern_y * ctx.world_size - me.y
     if to_x * to_x + to_y * to_y > settings.tavern_radius**2:
         heading += 0.05 * math.sin(math.atan2(to_y, to_x) - heading)
     step = 1.2 * ctx.dt
     move_x = math.cos(heading) * step + push_x
     move_y = math.sin(heading) * step + push_y
     length = math.hypot(move_x, move_y)
-    limit = PATRON_SPEED * ctx.dt
+    limit = WALK_SPEED * ctx.dt
     if length > limit:
         move_x, move_y = move_x * limit / length, move_y * limit / length
     me.x += move_x
@@ -152,11 +209,11 @@ def on_bottle_hit(me: Entity, event: Event, ctx: Context) -> None:
 def create_world(world: WorldBuilder) -> None:
     settings: TavernSettings = world.settings
     rng, size = world.rng, world.size
-    centre = size / 2
+    tavern_x, tavern_y = settings.tavern_x * size, settings.tavern_y * size
     for i in range(settings.npcs):
         if i < settings.npcs * settings.crowd_share:
             angle, radius = rng.uniform(0, math.tau), settings.tavern_radius * 2 * rng.random()
-            x, y = centre + math.cos(angle) * radius, centre + math.sin(angle) * radius
+            x, y = tavern_x + math.cos(angle) * radius, tavern_y + math.sin(angle) * radius
         else:
             x, y = rng.uniform(0, size), rng.uniform(0, size)
         world.spawn("patron", x, y, state=Patron(heading=rng.uniform(0, math.tau)))
@@ -165,7 +222,7 @@ def create_world(world: WorldBuilder) -> None:
 plugin = Plugin(
     name="tavern",
     kinds={
-        "patron": Kind(Patron, systems=(patron,), max_speed=PATRON_SPEED, radius=PERCEPTION),
+        "patron": Kind(Patron, systems=(patron,), max_speed=RUN_SPEED, radius=PERCEPTION),
         "bottle": Kind(Bottle, systems=(bottle,), max_speed=BOTTLE_SPEED, radius=BOTTLE_HIT_RADIUS),
         "mug": Kind(Mug),
     },

@@ -76,6 +76,18 @@ class InProcessMesh:
         for step in logged[:-1]:
             sim.step(self._roundtrip(step, Step))
 
+    def relayout(self, layout: Layout) -> tuple[dict[int, Restore], int]:
+        """What the core does to apply a plan after a checkpoint commit."""
+        restores, moved = self.replication.relayout(layout)
+        any_sim = next(iter(self.sims.values()))
+        for worker, restore in restores.items():
+            if worker not in self.sims:
+                self.sims[worker] = WorkerSim(worker, 1, any_sim.plugins, any_sim.world)
+            self.sims[worker].restore(self._roundtrip(restore, Restore))
+        for worker in set(self.sims) - set(layout.workers):
+            del self.sims[worker]
+        return restores, moved
+
     def run(self, ticks: int, persist_every: int = 10):
         reports = []
         for i in range(ticks):

@@ -1,0 +1,67 @@
+"""PNG pictures for operators: the world map and the rush benchmark timeline.
+
+matplotlib is imported here only, and only by the commands that draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no screen needed
+import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
+
+
+def draw_map(view: Mapping[str, Any], path: Path) -> None:
+    """Partitions as squares coloured by worker, entities as black dots."""
+    size = view["size"]
+    palette = plt.get_cmap("tab10")
+    figure, axes = plt.subplots(figsize=(8, 8), dpi=100)
+    workers = sorted({p["worker"] for p in view["partitions"]})
+    for partition in view["partitions"]:
+        x0, y0, x1, y1 = partition["bounds"]
+        colour = palette(workers.index(partition["worker"]) % 10)
+        axes.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, alpha=0.35, edgecolor="0.3")
+        )
+    if view["entities"]:
+        xs, ys, _kinds = zip(*view["entities"], strict=True)
+        axes.scatter(xs, ys, s=1.5, c="black", linewidths=0)
+    axes.legend(
+        [Rectangle((0, 0), 1, 1, color=palette(i % 10), alpha=0.5) for i in range(len(workers))],
+        [f"worker {w}" for w in workers],
+        loc="upper right",
+        fontsize="small",
+    )
+    axes.set_xlim(0, size)
+    axes.set_ylim(0, size)
+    axes.set_aspect("equal")
+    axes.set_title(
+        f"tick {view['tick']}: {len(view['entities'])} entities, "
+        f"{len(view['partitions'])} partitions, {len(workers)} workers"
+    )
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+
+
+def draw_timeline(
+    runs: Mapping[str, Sequence[tuple[float, int, float]]], budget_ms: float, path: Path
+) -> None:
+    """Workers and tick time over time, one line per run (name -> (seconds, workers, tick ms))."""
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, dpi=100)
+    for name, samples in runs.items():
+        seconds = [s[0] for s in samples]
+        top.step(seconds, [s[1] for s in samples], where="post", label=name)
+        bottom.plot(seconds, [s[2] for s in samples], linewidth=0.6, label=name)
+    bottom.axhline(budget_ms, color="red", linestyle="--", linewidth=0.8, label="tick interval")
+    top.set_ylabel("workers")
+    bottom.set_ylabel("tick ms")
+    bottom.set_xlabel("seconds")
+    top.legend(loc="upper left", fontsize="small")
+    bottom.legend(loc="upper left", fontsize="small")
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)

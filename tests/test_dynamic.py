@@ -1,0 +1,87 @@
+"""The elastic mesh with real workers: a crowd splits it, dispersal shrinks it, same world."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+from conftest import meshd_json, run_world, start_daemon, write_config
+
+from meshd import _admin
+
+RUSH_DAY = {
+    "world": {"size": 100.0, "halo": 5.0},
+    "mesh": {
+        "grid": 2,
+        "budget_ms": 8.0,
+        "min_cell": 6.0,
+        "max_workers": 2,
+        "dwell": 0.5,
+        "cooldown": 1.0,
+    },
+    "plugins": {
+        "load": ["tavern"],
+        "tavern": {
+            "npcs": 300,
+            "tavern_x": 0.3,
+            "tavern_y": 0.3,
+            "tavern_radius": 10.0,
+            "crowd_share": 0.0,
+            "throw_chance": 0.02,
+            "drop_chance": 0.005,
+            "day_ticks": 600,
+            "night_awake": 0.05,
+            "rush_at": 200,
+            "rush_ticks": 100,
+        },
+    },
+}
+TICKS = 640
+
+
+def _tavern_owners(partitions: list[dict], centre: float, radius: float) -> set[int]:
+    owners = set()
+    for leaf in partitions:
+        x0, y0, x1, y1 = leaf["bounds"]
+        dx, dy = max(x0 - centre, 0, centre - x1), max(y0 - centre, 0, centre - y1)
+        if math.hypot(dx, dy) < radius:
+            owners.add(leaf["worker"])
+    return owners
+
+
+def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_path: Path):
+    expected = run_world(tmp_path / "one", RUSH_DAY, "--workers", "1", "--ticks", str(TICKS))
+
+    folder = tmp_path / "dynamic"
+    folder.mkdir()
+    config = write_config(folder, RUSH_DAY)
+    daemon = start_daemon(config, "--rate", "60", "--seed", "7", "--ticks", str(TICKS))
+    socket = folder / "data" / "meshd.sock"
+    seen = []  # (tick, leaves, workers, workers owning the tavern)
+    try:
+        while daemon.poll() is None:
+            try:
+                status = _admin.request(socket, _admin.AdminRequest("status"), timeout=5)
+                partitions = _admin.request(socket, _admin.AdminRequest("partitions"), timeout=5)
+            except _admin.AdminError:
+                time.sleep(0.1)
+                continue
+            tavern = _tavern_owners(partitions, 30.0, 10.0)
+            if status["tick"] > 0:
+                seen.append((status["tick"], len(partitions), status["workers"], len(tavern)))
+            time.sleep(0.1)
+        assert daemon.wait() == 0, daemon.stderr.read()[-3000:]
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+    log = daemon.stderr.read()
+    assert seen[0][1] == 4 and seen[0][2] == 1, seen  # midnight: one worker, the starting grid
+    rush = [s for s in seen if 200 <= s[0] <= 450]  # the crowd gathers, stays, disperses
+    assert any(leaves > 4 and tavern >= 2 for _, leaves, _, tavern in rush), seen
+    peak = max(s[1] for s in seen)
+    night = [s for s in seen if s[0] >= 560]
+    assert night and night[-1][2] == 1 and night[-1][1] < peak, seen  # merged, scaled down
+    assert '"cost report"' in log and '"workers_stopped": 1' in log
+    world = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    assert world == expected

@@ -1,0 +1,119 @@
+"""Reshaping the mesh at tick boundaries changes nothing about the world (Invariants D, A)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from inprocess import InProcessMesh, new_world, plugins_for
+from test_sim import SPACE_WORLD, TAVERN_WORLD, assert_one_owner_each
+
+from meshd._layout import Layout
+from meshd._messages import Step
+from meshd._planner import children
+
+
+def random_layout(rng: random.Random, size: float, halo: float, max_workers: int) -> Layout:
+    """A random quadtree (down to level 4) over 1..max_workers workers."""
+    leaves = ["0/0/0"]
+    for _ in range(rng.randint(0, 10)):
+        leaf = rng.choice(leaves)
+        if int(leaf.split("/")[0]) < 4:
+            leaves.remove(leaf)
+            leaves += children(leaf)
+    workers = rng.sample(range(max_workers + 2), rng.randint(1, max_workers))
+    return Layout(size, halo, {leaf: rng.choice(workers) for leaf in leaves})
+
+
+def assert_ghosts_where_targeted(mesh: InProcessMesh) -> None:
+    """After its next step's ghost updates, each worker holds exactly the ghosts aimed at it."""
+    repl = mesh.replication
+    for worker, sim in mesh.sims.items():
+        box = repl.outboxes[worker]
+        held = (set(sim.ghosts) - set(box.ghost_remove)) | {r[0] for r in box.ghost_upsert}
+        held -= {record[0] for record, _ in box.acquire}
+        aimed = {i for i, targets in repl.targets.items() if worker in targets}
+        assert held == aimed, f"worker {worker}: {sorted(held ^ aimed)[:10]}"
+        arriving = {record[0]: tuple(targets) for record, targets in box.acquire}
+        for entity_id in sim.entities.keys() - arriving.keys():
+            assert sim.targets.get(entity_id, ()) == repl.targets.get(entity_id, ()), entity_id
+
+
+def test_handing_over_an_empty_leaf_still_moves_the_ghosts_around_it() -> None:
+    """Only ghost targets change (no entity changes owner): both sides must follow."""
+    plugins = plugins_for("tavern", npcs=120, throw_chance=0.05, drop_chance=0.02)
+    world = TAVERN_WORLD
+    mesh = InProcessMesh(
+        plugins, world, Layout.grid(world.size, world.halo, 8, 2), new_world(plugins, world)
+    )
+    one = InProcessMesh(
+        plugins, world, Layout.grid(world.size, world.halo, 1, 1), new_world(plugins, world)
+    )
+    mesh.run(10, 5)
+    one.run(40, 5)
+    repl = mesh.replication
+    occupied = {repl.layout.partition_of(r[2], r[3]) for r in repl.records.values()}
+    near = {
+        leaf
+        for r in repl.records.values()
+        for leaf in repl.layout.leaves_near(r[2], r[3], world.halo)
+    }
+    empty = sorted(
+        leaf for leaf, w in repl.layout.owners.items() if w == 0 and leaf in near - occupied
+    )
+    assert empty, "no empty leaf next to an entity in this world"
+    restores, moved = mesh.relayout(
+        Layout(world.size, world.halo, {**repl.layout.owners, empty[0]: 1})
+    )
+    assert moved == 0 and list(restores) == [1]  # worker 0 only needs the new layout
+    mesh.sims[0]._apply_inbound(Step(tick=11, epoch=1, layout=repl.layout.to_wire()))
+    assert_ghosts_where_targeted(mesh)  # worker 0 now aims its border entities at worker 1 too
+    for tick in range(11, 41):
+        mesh.tick(tick % 5 == 0)
+        assert_ghosts_where_targeted(mesh)
+    assert repl.hash() == one.replication.hash()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(
+    ("name", "settings", "world"),
+    [
+        ("tavern", {"npcs": 250, "throw_chance": 0.05, "drop_chance": 0.01}, TAVERN_WORLD),
+        ("space", {"ships": 60, "fire_chance": 0.05}, SPACE_WORLD),
+    ],
+)
+def test_reshaping_and_crashing_every_few_ticks_changes_nothing(name, settings, world, seed):
+    """Random re-layouts at checkpoints, kills right after them and anywhere else."""
+    plugins = plugins_for(name, **settings)
+    ticks, every = 60, 4
+    one = InProcessMesh(
+        plugins, world, Layout.grid(world.size, world.halo, 1, 1), new_world(plugins, world)
+    )
+    one.run(ticks, every)
+
+    rng = random.Random(seed)
+    mesh = InProcessMesh(
+        plugins, world, Layout.grid(world.size, world.halo, 2, 2), new_world(plugins, world)
+    )
+    population, relayouts, kills, moved = len(mesh.replication.owner), 0, 0, 0
+    just_relaid = False
+    for tick in range(1, ticks + 1):
+        checkpoint = tick == ticks or tick % every == 0
+        workers = mesh.replication.layout.workers
+        doomed = {w for w in workers if rng.random() < (0.5 if just_relaid else 0.1)}
+        report = mesh.tick(checkpoint, kill=frozenset(doomed))
+        kills += len(doomed)
+        population += report.spawned - report.despawned
+        assert mesh.replication.tick == tick
+        assert len(mesh.replication.owner) == population
+        assert_one_owner_each(mesh)
+        assert_ghosts_where_targeted(mesh)
+        just_relaid = False
+        if checkpoint and tick < ticks and rng.random() < 0.7:
+            moved += mesh.relayout(random_layout(rng, world.size, world.halo, 4))[1]
+            relayouts += 1
+            just_relaid = True
+            assert_one_owner_each(mesh)
+            assert_ghosts_where_targeted(mesh)
+    assert relayouts >= 5 and kills >= 5 and moved > 0
+    assert mesh.replication.hash() == one.replication.hash()

@@ -239,3 +239,104 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(percentile(values, 50), 2), "p99": round(percentile(values, 99), 2)}
+
+
+def _rush_window(day_ticks: int) -> tuple[int, int]:
+    """The ticks from the crowd setting off (centred on noon) to its return home."""
+    start = day_ticks // 2 - day_ticks // 16
+    return start, start + 2 * (day_ticks // 8)
+
+
+def _rush_config(
+    npcs: int, data_dir: Path, rate: float, mode: str, max_workers: int, day_ticks: int
+) -> Config:
+    """A tavern day: night, a busy noon with a rush into an off-centre tavern, night again."""
+    return load_config(
+        None,
+        search_default=False,
+        environ={},
+        overrides={
+            "world.size": 200.0 * math.sqrt(max(npcs, 1) / 1200.0),
+            "world.seed": 7,
+            "tick.rate": rate,
+            "mesh.mode": mode,
+            "mesh.workers": max_workers,
+            "mesh.max_workers": max_workers,
+            "data.dir": str(data_dir),
+            "log.level": "warning",
+            "plugins.load": ["tavern"],
+            "plugins.dirs": [str(REPO_PLUGINS)],
+            "plugins.tavern": {
+                "npcs": npcs,
+                "tavern_x": 0.3,
+                "tavern_y": 0.6,
+                "crowd_share": 0.0,
+                "day_ticks": day_ticks,
+                "night_awake": 0.1,
+                "day_shape": 6.0,
+                "rush_at": _rush_window(day_ticks)[0],
+                "rush_ticks": day_ticks // 8,
+            },
+        },
+    )
+
+
+def bench_rush(
+    npcs: int = 1200,
+    day_ticks: int = 2400,
+    rate: float = 20.0,
+    max_workers: int | None = None,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """The same tavern day twice: the dynamic mesh, then a static grid of ``max_workers``.
+
+    Tick times are reported over the rush (from the crowd setting off to its
+    return home); worker-seconds over the whole day.
+    """
+    max_workers = max_workers or os.cpu_count() or 1
+    rush_from, rush_to = _rush_window(day_ticks)
+    results: dict[str, Any] = {}
+    timelines = {}
+    hashes = set()
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+        for mode in ("dynamic", "static"):
+            config = _rush_config(npcs, Path(tmp) / mode, rate, mode, max_workers, day_ticks)
+            summary = trio.run(lambda config=config: serve(config, ticks=day_ticks))
+            hashes.add(summary.hash)
+            rush = [s.tick_ms for s in summary.timeline if rush_from <= s.tick <= rush_to]
+            usage = summary.usage
+            results[mode] = {
+                "tick_ms": {**_percentiles(rush), "max": round(max(rush), 2)},
+                "day_tick_ms": _percentiles(summary.tick_ms),
+                "peak_workers": usage["peak_workers"],
+                "final_workers": usage["workers"],
+                "max_leaves": usage["max_leaves"],
+                "handoffs_per_s": usage["handoffs_per_s"],
+                "worker_seconds": usage["worker_seconds"],
+                "static_peak_worker_seconds": usage["static_peak_worker_seconds"],
+                "worker_cpu_seconds": usage["worker_cpu_seconds"],
+                "core_cpu_seconds": usage["core_cpu_seconds"],
+                "rate_hz": round(day_ticks / usage["elapsed_s"], 2),
+            }
+            timelines[mode] = [(s.seconds, s.workers, s.tick_ms) for s in summary.timeline]
+    budget_ms = 1000.0 / rate
+    dynamic, static = results["dynamic"], results["static"]
+    if plot is not None:
+        from meshd._plots import draw_timeline
+
+        draw_timeline(timelines, budget_ms, plot)
+    return {
+        "entities": npcs,
+        "day_ticks": day_ticks,
+        "rush_ticks": [rush_from, rush_to],
+        "rate_hz": rate,
+        "max_workers": max_workers,
+        "budget_ms": budget_ms,
+        **results,
+        "dynamic_vs_static_peak": round(
+            dynamic["worker_seconds"] / static["static_peak_worker_seconds"], 3
+        ),
+        "same_world": len(hashes) == 1,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }

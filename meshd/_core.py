@@ -344,8 +344,9 @@ async def _replan(core: Core, planner: Planner) -> None:
     """Ask the planner about the layout; apply its plan at this tick boundary.
 
     Runs right after a checkpoint commit, when the core holds all of
-    ``S(T)``: new workers come from warm spares, every live worker gets its
-    new share as a ``Restore`` (a bulk handoff), drained workers are stopped.
+    ``S(T)``: new workers come from warm spares, the difference between the
+    layouts goes out with the next steps (a bulk handoff), drained workers
+    are stopped.
     """
     repl, supervisor = core.replication, core.supervisor
     plan = planner.plan(
@@ -356,14 +357,7 @@ async def _replan(core: Core, planner: Planner) -> None:
     started = time.perf_counter()
     for worker in plan.started:
         await supervisor.add_worker(worker)
-    layout = Layout(repl.world.size, repl.world.halo, plan.owners)
-    restores, handoffs = repl.relayout(layout)
-    for worker, restore in restores.items():
-        try:
-            await supervisor.links[worker].send(restore)
-        except WorkerFailed as failure:
-            # The next step finds it failed and replaces it from the new checkpoint.
-            core.log.warning("worker failed", worker=worker, reason=failure.reason)
+    handoffs = repl.relayout(Layout(repl.world.size, repl.world.halo, plan.owners))
     for worker in plan.stopped:
         await supervisor.retire(worker)
     core.usage.plan(plan, handoffs)
@@ -376,8 +370,8 @@ async def _replan(core: Core, planner: Planner) -> None:
         started=plan.started,
         stopped=plan.stopped,
         handoffs=handoffs,
-        workers=len(layout.workers),
-        leaves=len(layout.owners),
+        workers=len(repl.layout.workers),
+        leaves=len(repl.layout.owners),
         ms=round((time.perf_counter() - started) * 1000, 1),
     )
 

@@ -71,7 +71,8 @@ class Assign:
 class Step:
     """Core -> worker: simulate tick ``tick``.
 
-    Applied in this order: new layout, ghost removals, ghost upserts,
+    Applied in this order: releases (owned entities handed to another
+    worker by a new layout), the new layout, ghost removals, ghost upserts,
     acquisitions, freezes (quarantined entities stop running), then events
     are delivered during the tick.
     With ``checkpoint`` the reply carries every entity changed since the last
@@ -81,6 +82,7 @@ class Step:
     tick: int
     epoch: int
     layout: dict[str, int] | None = None
+    release: Bulk = attrs.field(factory=list)
     ghost_remove: Bulk = attrs.field(factory=list)
     ghost_upsert: Bulk = attrs.field(factory=list)
     acquire: Bulk = attrs.field(factory=list)

@@ -41,7 +41,7 @@ class PlannerSettings:
     cooldown_ticks: int
     scale_up: float = 0.9
     """Start a worker when the mean load exceeds this share of the budget..."""
-    scale_down: float = 0.6
+    scale_down: float = 0.7
     """...stop one when the others would carry the load under this share."""
     imbalance_share: float = 0.2
     max_moves: int = 4

@@ -31,6 +31,7 @@ from meshd._snapshot import Delta, Row, WorldSnapshot, to_row, world_hash
 class Outbox:
     """What the next ``Step`` of one worker will carry."""
 
+    release: list[int] = attrs.field(factory=list)
     ghost_remove: list[int] = attrs.field(factory=list)
     ghost_upsert: list[list[Any]] = attrs.field(factory=list)
     acquire: list[list[Any]] = attrs.field(factory=list)
@@ -121,6 +122,7 @@ class Replication:
                 tick=tick,
                 epoch=0,
                 layout=self.layout.to_wire() if worker in self.layout_pending else None,
+                release=box.release,  # type: ignore[arg-type]
                 ghost_remove=box.ghost_remove,  # type: ignore[arg-type]
                 ghost_upsert=box.ghost_upsert,  # type: ignore[arg-type]
                 acquire=box.acquire,  # type: ignore[arg-type]
@@ -228,25 +230,31 @@ class Replication:
         )
         return restore, list(self.step_log[worker])
 
-    def relayout(self, layout: Layout) -> tuple[dict[int, Restore], int]:
-        """Switch to ``layout`` right after a checkpoint commit: a bulk handoff.
+    def relayout(self, layout: Layout) -> int:
+        """Switch to ``layout`` at this tick boundary (a bulk handoff); return entities re-homed.
 
-        Every entity is re-homed by its position under the new layout. The
-        core holds all of ``S(T)`` at a checkpoint, so each worker whose
-        share changed (an entity or a ghost moved in or out) gets a
-        ``Restore`` with its whole new share and drops what it held; events
-        already routed to it are routed again. The other workers keep their
-        outboxes and get the new layout with their next step (a split or
-        merge inside one worker costs nothing more). Returns the restores and
-        how many entities changed owner. A new checkpoint is taken on the new
+        Called right after a checkpoint commit, when the core holds all of
+        ``S(T)``. Every entity is re-homed by its position under the new
+        layout, and only the difference travels with the next steps: a
+        release and an acquisition for each entity that changes owner, ghost
+        removals and upserts for each ghost target that changes, and the new
+        layout for every worker (a split or merge inside one worker costs
+        nothing else). Operations already queued for the next step that the
+        new layout contradicts (an acquisition by the old owner, a ghost
+        upsert to a worker that no longer needs it) are withdrawn, and queued
+        events follow their targets. A new checkpoint is taken on the new
         layout, so a failover right after replays from it.
         """
         if self.checkpoint_tick != self.tick:
             raise RuntimeError("the layout can only change right after a checkpoint commit")
         old_owner, old_targets = self.owner, self.targets
+        boxes = {w: self.outboxes.get(w) or Outbox() for w in layout.workers}
+        in_transit = {item[0][0]: item for box in boxes.values() for item in box.acquire}
+        # (worker, id) of queued acquisitions and ghost upserts the new layout contradicts
+        unacquired: set[tuple[int, int]] = set()
+        unghosted: set[tuple[int, int]] = set()
         self.layout = layout
         self.owner, self.targets = {}, {}
-        affected = set(layout.workers) - set(self.outboxes)
         moved = 0
         for entity_id, record in self.records.items():
             x, y = record[2], record[3]
@@ -257,27 +265,39 @@ class Replication:
             )
             if targets:
                 self.targets[entity_id] = targets
-            was = old_owner.get(entity_id)
+            was = old_owner[entity_id]
             if was != owner:
-                affected.update((was, owner))
                 moved += 1
+                if entity_id in in_transit:
+                    unacquired.add((was, entity_id))  # it never reached ``was``
+                elif was in boxes:
+                    boxes[was].release.append(entity_id)
+                boxes[owner].acquire.append([record, list(targets)])
+                if entity_id in self.quarantined:
+                    boxes[owner].freeze.append(entity_id)
+            elif entity_id in in_transit:
+                in_transit[entity_id][1] = list(targets)
             previous = old_targets.get(entity_id, ())
             if previous != targets:
-                affected.update(set(previous).symmetric_difference(targets))
-        live = [w for w in layout.workers if w not in self.down]
-        for worker in affected:
-            self.outboxes[worker] = Outbox()
-        self.outboxes = {w: self.outboxes[w] for w in layout.workers}
-        for event in self.pending_events:
-            if self.owner.get(event[0]) in affected:
-                self.outboxes[self.owner[event[0]]].events.append(event)
+                for worker in previous:
+                    if worker not in targets and worker in boxes:
+                        boxes[worker].ghost_remove.append(entity_id)
+                        unghosted.add((worker, entity_id))
+                for worker in targets:
+                    if worker not in previous:
+                        boxes[worker].ghost_upsert.append(record)
+        for worker, box in boxes.items():
+            box.acquire = [i for i in box.acquire if (worker, i[0][0]) not in unacquired]
+            box.ghost_upsert = [r for r in box.ghost_upsert if (worker, r[0]) not in unghosted]
+            box.events = []
+        self.outboxes = boxes
+        self._route_events(self.pending_events)
         self.counts = {leaf: n for leaf, n in self.counts.items() if leaf in layout.owners}
         self.cost_ms = {leaf: ms for leaf, ms in self.cost_ms.items() if leaf in layout.owners}
         self.step_log = {w: [] for w in layout.workers}
-        self.layout_pending = {w for w in live if w not in affected}
+        self.layout_pending = {w for w in layout.workers if w not in self.down}
         self.checkpoint = self._take_checkpoint()
-        restores = {w: self.recovery(w)[0] for w in live if w in affected}
-        return restores, moved
+        return moved
 
     def take_down(self, worker: int) -> list[str]:
         """Stop simulating ``worker``'s partitions; return them.

@@ -440,16 +440,9 @@ class WorkerSim:
                     self.targets[entity.id] = targets
 
     def restore(self, restore: Restore) -> None:
-        """Replace everything held with a checkpoint's share (layout, owned entities, ghosts).
-
-        A replacement worker starts this way; a live worker gets one when the
-        planner changes the layout.
-        """
-        self.entities.clear()
-        self.ghosts.clear()
-        self.targets.clear()
-        self.dirty.clear()
-        self.frozen.clear()
+        """Load a checkpoint's share (layout, owned entities, ghosts) into a fresh worker."""
+        if self.entities or self.ghosts:
+            raise RuntimeError("restore needs a fresh worker")
         self._set_layout(restore.layout)
         self._apply_inbound(
             Step(
@@ -462,6 +455,8 @@ class WorkerSim:
         )
 
     def _apply_inbound(self, step: Step) -> None:
+        for entity_id in step.release:
+            self._release(entity_id)
         if step.layout is not None:
             self._set_layout(step.layout)
         layout = self.layout
@@ -479,6 +474,17 @@ class WorkerSim:
             if targets:
                 self.targets[entity.id] = tuple(targets)
         self.frozen.update(step.freeze)
+
+    def _release(self, entity_id: int) -> None:
+        """Forget an owned entity that a new layout gives to another worker."""
+        entity = self.entities.pop(entity_id, None)
+        if entity is None:
+            return  # a replacement replaying from a later checkpoint never had it
+        assert self.layout is not None
+        self.members[self.layout.partition_of(entity.x, entity.y)].pop(entity_id, None)
+        self.targets.pop(entity_id, None)
+        self.dirty.discard(entity_id)
+        self.frozen.discard(entity_id)
 
     def step(self, step: Step) -> Reply:
         """Simulate tick ``step.tick`` for the owned entities."""

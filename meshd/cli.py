@@ -268,9 +268,11 @@ def inspect_world(
 
 @app.command("bench")
 def bench_command(
-    scenario: Annotated[str, typer.Argument(help="Scenario: sim or failover.")],
+    scenario: Annotated[str, typer.Argument(help="Scenario: sim, failover or rush.")],
     as_json: JsonOption = False,
-    npcs: Annotated[int, typer.Option(help="Tavern NPCs.")] = 10_000,
+    npcs: Annotated[
+        int | None, typer.Option(help="Tavern NPCs [default: 10,000; rush: 1,200].")
+    ] = None,
     ticks: Annotated[int, typer.Option(help="sim: ticks per run.")] = 200,
     repeat: Annotated[int, typer.Option(min=1, help="sim: runs per variant (medians).")] = 1,
     seconds: Annotated[float, typer.Option(help="failover: seconds of ticks per run.")] = 20.0,
@@ -278,20 +280,31 @@ def bench_command(
     checkpoint_every: Annotated[
         int, typer.Option(min=1, help="failover: ticks between full-state checkpoints.")
     ] = 10,
+    day_ticks: Annotated[int, typer.Option(min=48, help="rush: ticks in one tavern day.")] = 2400,
+    max_workers: Annotated[
+        int | None, typer.Option(min=1, help="rush: worker cap for both meshes [default: cores].")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="rush: write workers and tick times to this PNG.")
+    ] = None,
 ) -> None:
     """Run a benchmark scenario end to end and print its measured figures."""
     from meshd import _bench
 
     configure(json=True, level="error")
     if scenario == "sim":
-        result = _bench.bench_sim(npcs=npcs, ticks=ticks, repeat=repeat)
+        result = _bench.bench_sim(npcs=npcs or 10_000, ticks=ticks, repeat=repeat)
     elif scenario == "failover":
         result = _bench.bench_failover(
-            npcs=npcs, seconds=seconds, rate=rate, checkpoint_every=checkpoint_every
+            npcs=npcs or 10_000, seconds=seconds, rate=rate, checkpoint_every=checkpoint_every
+        )
+    elif scenario == "rush":
+        result = _bench.bench_rush(
+            npcs=npcs or 1200, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
         )
     else:
-        raise _fail(f"unknown scenario {scenario!r}; available: sim, failover", 2)
-    _print_json(result) if as_json else _pairs(result, "bench sim")
+        raise _fail(f"unknown scenario {scenario!r}; available: sim, failover, rush", 2)
+    _print_json(result) if as_json else _pairs(result, f"bench {scenario}")
 
 
 def main() -> None:

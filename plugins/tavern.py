@@ -25,7 +25,7 @@ from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder, first_hit
 PERCEPTION = 4.0  # metres a patron looks around
 PERSONAL_SPACE = 1.0
 WALK_SPEED = 2.5  # m/s, including being jostled
-RUN_SPEED = 6.0  # m/s, rushing to the tavern or home
+RUN_SPEED = 12.0  # m/s, rushing to the tavern or home
 BOTTLE_SPEED = 40.0  # m/s
 BOTTLE_HIT_RADIUS = 0.6
 
@@ -44,6 +44,7 @@ class TavernSettings:
     rush_share: float = 0.8  # share of patrons that join the rush
     day_ticks: int = 0  # length of a day in ticks; 0 = everyone always awake
     night_awake: float = 0.2  # share of patrons awake at midnight (all are at noon)
+    day_shape: float = 1.0  # > 1: fewer busy hours, a sharper evening peak
 
 
 def _share(entity_id: int, step: float) -> float:
@@ -55,7 +56,7 @@ def awake_share(settings: TavernSettings, tick: int) -> float:
     """Share of patrons awake at ``tick``: lowest at midnight (tick 0), all at noon."""
     if settings.day_ticks <= 0:
         return 1.0
-    daylight = (1 - math.cos(math.tau * tick / settings.day_ticks)) / 2
+    daylight = ((1 - math.cos(math.tau * tick / settings.day_ticks)) / 2) ** settings.day_shape
     return settings.night_awake + (1 - settings.night_awake) * daylight
 
 

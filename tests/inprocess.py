@@ -76,17 +76,16 @@ class InProcessMesh:
         for step in logged[:-1]:
             sim.step(self._roundtrip(step, Step))
 
-    def relayout(self, layout: Layout) -> tuple[dict[int, Restore], int]:
+    def relayout(self, layout: Layout) -> int:
         """What the core does to apply a plan after a checkpoint commit."""
-        restores, moved = self.replication.relayout(layout)
+        moved = self.replication.relayout(layout)
         any_sim = next(iter(self.sims.values()))
-        for worker, restore in restores.items():
+        for worker in layout.workers:
             if worker not in self.sims:
                 self.sims[worker] = WorkerSim(worker, 1, any_sim.plugins, any_sim.world)
-            self.sims[worker].restore(self._roundtrip(restore, Restore))
         for worker in set(self.sims) - set(layout.workers):
             del self.sims[worker]
-        return restores, moved
+        return moved
 
     def run(self, ticks: int, persist_every: int = 10):
         reports = []

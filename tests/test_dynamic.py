@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ def _tavern_owners(partitions: list[dict], centre: float, radius: float) -> set[
 
 
 def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_path: Path):
+    """Also kills the worker the planner started: a failover mid-reshaping changes nothing."""
     expected = run_world(tmp_path / "one", RUSH_DAY, "--workers", "1", "--ticks", str(TICKS))
 
     folder = tmp_path / "dynamic"
@@ -60,6 +62,7 @@ def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_
     daemon = start_daemon(config, "--rate", "60", "--seed", "7", "--ticks", str(TICKS))
     socket = folder / "data" / "meshd.sock"
     seen = []  # (tick, leaves, workers, workers owning the tavern)
+    killed, failovers = None, 0
     try:
         while daemon.poll() is None:
             try:
@@ -71,6 +74,11 @@ def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_
             tavern = _tavern_owners(partitions, 30.0, 10.0)
             if status["tick"] > 0:
                 seen.append((status["tick"], len(partitions), status["workers"], len(tavern)))
+            failovers = max(failovers, status["failovers"])
+            if killed is None and status["workers"] == 2:  # a worker the planner just started
+                workers = _admin.request(socket, _admin.AdminRequest("workers"), timeout=5)
+                killed = max(workers, key=lambda w: w["id"])["pid"]
+                os.kill(killed, signal.SIGKILL)
             time.sleep(0.1)
         assert daemon.wait() == 0, daemon.stderr.read()[-3000:]
     finally:
@@ -82,6 +90,7 @@ def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_
     peak = max(s[1] for s in seen)
     night = [s for s in seen if s[0] >= 560]
     assert night and night[-1][2] == 1 and night[-1][1] < peak, seen  # merged, scaled down
+    assert killed is not None and failovers >= 1
     assert '"cost report"' in log and '"workers_stopped": 1' in log
     world = meshd_json("inspect", "world", "--config", str(config), "--hash")
     assert world == expected

@@ -152,6 +152,9 @@ def test_a_killed_or_hung_worker_process_changes_nothing(tmp_path: Path, how: st
     )
     try:
         wait_for_status(config, lambda s: s["tick"] >= 30)
+        stats = meshd_json("inspect", "stats", "--config", str(config))
+        assert stats["mode"] == "static" and stats["plans"] == 0  # --workers: a fixed mesh
+        assert stats["peak_workers"] == 3 and stats["leaves"] == 16
         victims = _worker_pids(config)
         os.kill(victims[1], signal.SIGKILL if how == "kill" else signal.SIGSTOP)
         status = wait_for_status(config, lambda s: s["failovers"] >= 1 and s["tick"] >= 80)

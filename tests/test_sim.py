@@ -34,8 +34,10 @@ def assert_one_owner_each(mesh: InProcessMesh) -> None:
     """Each entity is held by exactly its owner, or on its way there in the next step."""
     owned: dict[int, int] = {}
     for worker, sim in mesh.sims.items():
-        in_transit = [record[0] for record, _targets in mesh.replication.outboxes[worker].acquire]
-        for entity_id in [*sim.entities, *in_transit]:
+        box = mesh.replication.outboxes[worker]
+        in_transit = [record[0] for record, _targets in box.acquire]
+        leaving = set(box.release)
+        for entity_id in [*(i for i in sim.entities if i not in leaving), *in_transit]:
             assert entity_id not in owned, f"entity {entity_id} owned twice"
             owned[entity_id] = worker
     assert owned == mesh.replication.owner

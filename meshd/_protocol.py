@@ -1,0 +1,130 @@
+"""The client protocol: messages between players and the gateway (sans-io).
+
+Frames are the same as between core and workers (4-byte big-endian length,
+then one CBOR map with a ``"type"`` key), decoded strictly by
+:mod:`meshd._wire`. ``docs/protocol.md`` is the reference; this module is its
+executable form. Everything wrong with received bytes raises
+:class:`ProtocolError` (a :class:`~meshd._wire.WireError`) and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from meshd._messages import Bulk
+from meshd._wire import WireError, decode_message, encode_message
+
+PROTOCOL_VERSION = 1
+MAX_CLIENT_FRAME = 16 * 1024
+"""Bytes a client frame may declare; anything larger closes the connection."""
+MAX_NAME = 32
+MAX_SECRET = 128
+
+
+class ProtocolError(WireError):
+    """A client sent something the protocol does not allow."""
+
+
+# -- client -> server ----------------------------------------------------
+
+
+@attrs.define
+class Login:
+    """First frame of a connection: who the player is."""
+
+    version: int
+    name: str
+    secret: str
+
+
+@attrs.define
+class Input:
+    """A command for the player's entity, applied on the next tick."""
+
+    seq: int
+    action: str
+    args: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class Ping:
+    id: int
+
+
+CLIENT_MESSAGES = (Login, Input, Ping)
+
+
+# -- server -> client ----------------------------------------------------
+
+
+@attrs.define
+class Welcome:
+    version: int
+    player: int
+    """The player's entity id."""
+    tick: int
+    rate: float
+    world_size: float
+    view_radius: float
+
+
+@attrs.define
+class View:
+    """What changed in the player's view at ``tick``.
+
+    ``enter``: ``[id, kind, x, y, z, state]`` with ``state`` a map of field
+    names; ``update``: the same for entities already in view that changed;
+    ``leave``: ids that left the view. ``ack`` is the last input ``seq``
+    applied by this tick.
+    """
+
+    tick: int
+    ack: int
+    enter: Bulk = attrs.field(factory=list)
+    update: Bulk = attrs.field(factory=list)
+    leave: Bulk = attrs.field(factory=list)
+
+
+@attrs.define
+class Pong:
+    id: int
+    tick: int
+
+
+@attrs.define
+class Error:
+    """Sent once before the server closes the connection (or for a refused input)."""
+
+    code: str
+    message: str
+
+
+SERVER_MESSAGES = (Welcome, View, Pong, Error)
+
+
+def decode_client(body: bytes) -> Login | Input | Ping:
+    """Decode one client frame body; raises :class:`ProtocolError` on anything else."""
+    try:
+        message = decode_message(body, CLIENT_MESSAGES)
+    except WireError as exc:
+        raise ProtocolError(str(exc)) from None
+    if isinstance(message, Login):
+        if not 1 <= len(message.name) <= MAX_NAME or not message.name.isprintable():
+            raise ProtocolError(f"name must be 1-{MAX_NAME} printable characters")
+        if not 1 <= len(message.secret) <= MAX_SECRET:
+            raise ProtocolError(f"secret must be 1-{MAX_SECRET} characters")
+    return message
+
+
+def decode_server(body: bytes) -> Welcome | View | Pong | Error:
+    """Decode one server frame body (the client library's side)."""
+    try:
+        return decode_message(body, SERVER_MESSAGES)
+    except WireError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def encode(message: Any) -> bytes:
+    return encode_message(message)

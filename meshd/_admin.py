@@ -71,6 +71,7 @@ def status_view(core: Core) -> dict[str, Any]:
         "persisted_tick": core.persisted_tick,
         "persist_failures": core.persist_failures,
         "seed": repl.world.seed,
+        "gateway": core.gateway.status() if core.gateway is not None else None,
         "uptime_s": _round(time.monotonic() - core.started),
     }
 

@@ -73,6 +73,31 @@ class MeshConfig:
 
 
 @attrs.frozen
+class GatewayConfig:
+    listen: str = "127.0.0.1:7777"
+    """HOST:PORT for player connections; an empty string turns the gateway off."""
+    view_radius: float = 30.0
+    view_max: int = 64
+    view_every: int = 1
+    """Send each player a view update every this many ticks."""
+    max_clients: int = 2000
+    login_timeout: float = 5.0
+    input_rate: float = 30.0
+    """Inputs per second a connection may send on average (token bucket)..."""
+    input_burst: int = 60
+    """...and at most this many at once."""
+    send_queue: int = 32
+    """Messages queued for a player before it counts as too slow and is dropped."""
+    hash_cost: int = 12
+    """log2 of scrypt's N for player secrets (12 = 4 MiB, about 15 ms per login here;
+    each step up doubles both, and the time every login takes)."""
+
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@attrs.frozen
 class SuperviseConfig:
     max_restarts: int = 5
     restart_window: float = 30.0
@@ -100,6 +125,7 @@ class Config:
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     supervise: SuperviseConfig = SuperviseConfig()
+    gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
     plugins: PluginsConfig = PluginsConfig()
     base_dir: str = "."
@@ -236,6 +262,23 @@ def _validate(config: Config) -> list[str]:
         "a tick count >= 1",
         supervise.quarantine_after,
     )
+    gateway = config.gateway
+    if gateway.listen:
+        try:
+            host, port = gateway.address()
+            ok = bool(host) and 0 <= port < 65536
+        except ValueError:
+            ok = False
+        need(ok, "gateway.listen", 'HOST:PORT (or "" for no gateway)', gateway.listen)
+    need(gateway.view_radius > 0, "gateway.view_radius", "metres > 0", gateway.view_radius)
+    need(gateway.view_max >= 1, "gateway.view_max", "a count >= 1", gateway.view_max)
+    need(gateway.view_every >= 1, "gateway.view_every", "a tick count >= 1", gateway.view_every)
+    need(gateway.max_clients >= 1, "gateway.max_clients", "a count >= 1", gateway.max_clients)
+    need(gateway.login_timeout > 0, "gateway.login_timeout", "seconds > 0", gateway.login_timeout)
+    need(gateway.input_rate > 0, "gateway.input_rate", "inputs per second > 0", gateway.input_rate)
+    need(gateway.input_burst >= 1, "gateway.input_burst", "a count >= 1", gateway.input_burst)
+    need(gateway.send_queue >= 1, "gateway.send_queue", "a count >= 1", gateway.send_queue)
+    need(10 <= gateway.hash_cost <= 20, "gateway.hash_cost", "10..20", gateway.hash_cost)
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
 

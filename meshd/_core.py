@@ -22,6 +22,7 @@ import cbor2
 import trio
 
 from meshd._config import Config, ConfigError
+from meshd._gateway import Account, Gateway, cell_size
 from meshd._layout import Layout
 from meshd._logging import get_logger
 from meshd._messages import Init, Reply, Step, WorldParams
@@ -182,9 +183,11 @@ class Core:
         supervisor: Supervisor,
         store: Store,
         planner: Planner | None = None,
+        gateway: Gateway | None = None,
     ) -> None:
         self.config = config
         self.planner = planner
+        self.gateway = gateway
         self.usage = Usage(config.mesh.mode)
         self.plugins = plugins
         self.replication = replication
@@ -275,12 +278,16 @@ async def _tick_loop(
         persist_now = final or tick % persist_every == 0
         checkpoint = persist_now or tick % checkpoint_every == 0 or bool(core.hash_waiters)
         started = time.perf_counter()
+        if core.gateway is not None:
+            core.gateway.before_tick(tick)
         steps = repl.build_steps(tick, checkpoint)
         replies: dict[int, Reply] = {}
         async with trio.open_nursery() as nursery:
             for worker, step in steps.items():
                 nursery.start_soon(_run_step, core, worker, step, replies)
         report = repl.commit(tick, list(replies.values()), checkpoint)
+        if core.gateway is not None:
+            core.gateway.after_tick(tick)
         if core.planner is not None:
             for reply in replies.values():
                 core.planner.observe(reply.cost_ms)
@@ -457,11 +464,19 @@ async def _checkpoint(
             waiter.send_nowait(answer)
         core.hash_waiters.clear()
     if final:
-        await persist.send(repl.take_delta())
+        await persist.send(_delta(core))
     elif persist_now and persist.statistics().tasks_waiting_receive:
         # The writer is idle: hand it this tick. Otherwise keep accumulating;
         # the next checkpoint's delta will carry these changes too.
-        persist.send_nowait(repl.take_delta())
+        persist.send_nowait(_delta(core))
+
+
+def _delta(core: Core) -> Delta:
+    """The changes to write: the world's since the last delta, and new player claims."""
+    delta = core.replication.take_delta()
+    if core.gateway is not None:
+        delta.players = core.gateway.take_claims()
+    return delta
 
 
 async def serve(
@@ -506,8 +521,29 @@ async def serve(
         dynamic = config.mesh.mode == "dynamic"
         workers = config.mesh.min_workers if dynamic else config.mesh.workers
         layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
+        players = config.gateway.listen != ""
         replication = Replication(
-            plugins, world, layout, snapshot, quarantine_after=config.supervise.quarantine_after
+            plugins,
+            world,
+            layout,
+            snapshot,
+            quarantine_after=config.supervise.quarantine_after,
+            cell_size=cell_size(config.gateway) if players else 0.0,
+        )
+        gateway = (
+            Gateway(
+                config.gateway,
+                plugins,
+                world,
+                replication,
+                {
+                    name: Account(salt, digest, entity)
+                    for name, salt, digest, entity in store.players()
+                },
+                config.tick.rate,
+            )
+            if players
+            else None
         )
         planner = Planner(planner_settings(config), layout, snapshot.tick) if dynamic else None
         supervisor = Supervisor(
@@ -521,7 +557,7 @@ async def serve(
             restart_window=config.supervise.restart_window,
             spares=config.supervise.spares,
         )
-        core = Core(config, plugins, replication, supervisor, store, planner)
+        core = Core(config, plugins, replication, supervisor, store, planner, gateway)
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)
         async with trio.open_nursery() as outer:
             outer.start_soon(_persist_loop, core, receive_delta)
@@ -530,11 +566,14 @@ async def serve(
                 services.start_soon(supervisor.accept_loop)
                 services.start_soon(_watch_signals, core)
                 await services.start(serve_admin, core, data_dir / SOCKET_NAME)
+                if gateway is not None:
+                    await services.start(gateway.serve)
                 await supervisor.start_all(layout.workers)
                 core.usage.begin(time.monotonic(), time.process_time(), len(supervisor.links))
                 services.start_soon(supervisor.refill_spares)
                 log.info(
                     "serving",
+                    gateway=gateway.address if gateway is not None else None,
                     mode=config.mesh.mode,
                     workers=len(layout.workers),
                     partitions=len(layout.owners),

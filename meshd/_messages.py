@@ -89,6 +89,10 @@ class Step:
     events: Bulk = attrs.field(factory=list)
     freeze: Bulk = attrs.field(factory=list)
     checkpoint: bool = False
+    watch: Bulk | None = None
+    """When set: the cells (``[cx, cy]``, side ``watch_cell``) where players look; every
+    change there is reported in ``Reply.dirty`` on the tick it happens."""
+    watch_cell: float = 0.0
 
 
 @attrs.define
@@ -105,6 +109,8 @@ class Restore:
     acquire: Bulk = attrs.field(factory=list)
     ghost_upsert: Bulk = attrs.field(factory=list)
     frozen: Bulk = attrs.field(factory=list)
+    watch: Bulk = attrs.field(factory=list)
+    watch_cell: float = 0.0
 
 
 @attrs.define

@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 System = Callable[["Entity", "Context"], None]
 EventHandler = Callable[["Entity", "Event", "Context"], None]
 WorldHook = Callable[["WorldBuilder"], None]
+PlayerHook = Callable[[str, "WorldBuilder"], None]
+
+INPUT_PREFIX = "input:"
+"""Player inputs travel as events named ``input:<action>``, sent by entity 0 (the gateway)."""
+JOIN, LEAVE = "join", "leave"
+"""Inputs the gateway sends itself when a player connects or disconnects."""
 
 ENTRY_POINT_GROUP = "meshd.plugins"
 
@@ -63,6 +69,11 @@ class Plugin:
     events: Mapping[str, EventHandler] = attrs.field(factory=dict)
     create_world: WorldHook | None = None
     settings: type | None = None
+    new_player: PlayerHook | None = None
+    """Called once per new player name: spawns that player's entity (exactly one)."""
+    inputs: Mapping[str, EventHandler] = attrs.field(factory=dict)
+    """Input handlers by action, run on the player's entity; ``join`` and ``leave``
+    (optional) run when the player connects and disconnects."""
 
 
 @attrs.frozen
@@ -118,6 +129,8 @@ class PluginSet:
     systems: dict[str, tuple[System, ...]] = attrs.field(init=False)
     handlers: dict[str, EventHandler] = attrs.field(init=False)
     kind_settings: dict[str, Any] = attrs.field(init=False)
+    new_player: Plugin | None = attrs.field(init=False)
+    """The plugin that creates player entities, if any."""
 
     def __attrs_post_init__(self) -> None:
         self.kinds, self.handlers, self.kind_settings = {}, {}, {}
@@ -128,10 +141,17 @@ class PluginSet:
                 _check_frozen(name, kind.state)
                 self.kinds[name] = kind
                 self.kind_settings[name] = self.settings.get(plugin.name)
-            for event, handler in plugin.events.items():
+            named = [*plugin.events.items()]
+            named += [(INPUT_PREFIX + action, handler) for action, handler in plugin.inputs.items()]
+            for event, handler in named:
                 if event in self.handlers:
                     raise PluginError(f"event {event!r} is handled by two plugins")
                 self.handlers[event] = handler
+        with_players = [plugin for plugin in self.plugins if plugin.new_player is not None]
+        if len(with_players) > 1:
+            names = [plugin.name for plugin in with_players]
+            raise PluginError(f"only one plugin may define new_player, got {names}")
+        self.new_player = with_players[0] if with_players else None
         self.codecs = {name: KindCodec.for_class(kind.state) for name, kind in self.kinds.items()}
         self.systems = {name: tuple(kind.systems) for name, kind in self.kinds.items()}
 
@@ -147,6 +167,10 @@ class PluginSet:
     def reach(self, kind: str, dt: float) -> float:
         spec = self.kinds[kind]
         return spec.radius + spec.max_speed * dt
+
+    def accepts(self, action: str) -> bool:
+        """Whether some plugin handles player input ``action``."""
+        return INPUT_PREFIX + action in self.handlers
 
     def schema(self) -> dict[str, tuple[str, ...]]:
         return {name: codec.fields for name, codec in self.codecs.items()}

@@ -77,6 +77,7 @@ class Replication:
         snapshot: WorldSnapshot,
         *,
         quarantine_after: int = 10,
+        cell_size: float = 0.0,
     ) -> None:
         self.plugins = plugins
         self.world = world
@@ -100,6 +101,16 @@ class Replication:
         self.error_streaks: dict[int, int] = {}
         self.checkpoint_tick = snapshot.tick
         self.down: set[int] = set()
+        self.cell_size = cell_size
+        """Side of the interest cells (0: no players, no cell index)."""
+        self.cells: dict[tuple[int, int], set[int]] = {}
+        self.watch: list[list[int]] = []
+        """Cells where players look: workers report every change there at once."""
+        self.watch_pending: set[int] = set()
+        if cell_size:
+            for record in self.records.values():
+                cell = (int(record[2] // cell_size), int(record[3] // cell_size))
+                self.cells.setdefault(cell, set()).add(record[0])
         for record in sorted(self.records.values()):
             self._place(record)
         self._route_events(snapshot.events)
@@ -123,6 +134,10 @@ class Replication:
                 epoch=0,
                 layout=self.layout.to_wire() if worker in self.layout_pending else None,
                 release=box.release,  # type: ignore[arg-type]
+                watch=self.watch  # type: ignore[arg-type]
+                if worker in self.watch_pending or worker in self.layout_pending
+                else None,
+                watch_cell=self.cell_size,
                 ghost_remove=box.ghost_remove,  # type: ignore[arg-type]
                 ghost_upsert=box.ghost_upsert,  # type: ignore[arg-type]
                 acquire=box.acquire,  # type: ignore[arg-type]
@@ -133,6 +148,7 @@ class Replication:
             self.outboxes[worker] = Outbox()
             self.step_log[worker].append(steps[worker])
         self.layout_pending.clear()
+        self.watch_pending.clear()
         return steps
 
     # -- committing replies ---------------------------------------------
@@ -149,17 +165,14 @@ class Replication:
                 self._remove(entity_id)
                 report.despawned += 1
             for record, new_targets in reply.border:
-                self.records[record[0]] = record
-                self.dirty.add(record[0])
+                self._set_record(record)
                 self._retarget(record, tuple(new_targets))
             for record in reply.handoff:
-                self.records[record[0]] = record
-                self.dirty.add(record[0])
+                self._set_record(record)
                 self._place(record)
                 report.handoffs += 1
             for record in reply.dirty:
-                self.records[record[0]] = record
-                self.dirty.add(record[0])
+                self._set_record(record)
             for entity_id, text in reply.errors:
                 report.errors.append((reply.worker, entity_id, text))
             spawns.extend(reply.spawns)
@@ -171,8 +184,7 @@ class Replication:
         for _parent, _seq, kind, x, y, z, state in spawns:
             record = [self.next_id, kind, x, y, z, state]
             self.next_id += 1
-            self.records[record[0]] = record
-            self.dirty.add(record[0])
+            self._set_record(record)
             self._place(record)
         report.spawned = len(spawns)
         report.dropped_events = self._route_events(events)
@@ -183,6 +195,37 @@ class Replication:
             self.checkpoint_tick = tick
             self.checkpoint = self._take_checkpoint()
         return report
+
+    # -- players --------------------------------------------------------
+
+    def set_watch(self, cells: list[list[int]]) -> None:
+        """Cells around the players: from the next step, changes there are reported each tick."""
+        if cells != self.watch:
+            self.watch = cells
+            self.watch_pending = {w for w in self.layout.workers if w not in self.down}
+
+    def add_entity(self, record: list[Any]) -> None:
+        """A new entity made by the core between ticks (a new player's), id ``next_id``."""
+        if record[0] != self.next_id:
+            raise ValueError(f"new entity {record[0]} must take the next id {self.next_id}")
+        self.next_id += 1
+        self._set_record(record)
+        self._place(record)
+
+    def inject(self, events: Iterable[list[Any]]) -> int:
+        """Queue events from outside the simulation (player inputs) for the next step.
+
+        Returns how many were dropped because their target is gone or frozen.
+        """
+        dropped = 0
+        for event in events:
+            owner = self.owner.get(event[0])
+            if owner is None or owner in self.down:
+                dropped += 1
+                continue
+            self.outboxes[owner].events.append(event)
+            self.pending_events.append(event)
+        return dropped
 
     # -- failover -------------------------------------------------------
 
@@ -226,7 +269,13 @@ class Replication:
         ]
         frozen = sorted(i for i in base.quarantined if base.owner.get(i) == worker)
         restore = Restore(
-            tick=base.tick, layout=base.layout, acquire=acquire, ghost_upsert=ghosts, frozen=frozen
+            tick=base.tick,
+            layout=base.layout,
+            acquire=acquire,
+            ghost_upsert=ghosts,
+            frozen=frozen,
+            watch=self.watch,  # type: ignore[arg-type]
+            watch_cell=self.cell_size,
         )
         return restore, list(self.step_log[worker])
 
@@ -349,7 +398,35 @@ class Replication:
         else:
             self.targets.pop(entity_id, None)
 
+    def _set_record(self, record: list[Any]) -> None:
+        """Take a newer record of an entity; keep the interest cells in step."""
+        entity_id = record[0]
+        old = self.records.get(entity_id)
+        self.records[entity_id] = record
+        self.dirty.add(entity_id)
+        if self.cell_size:
+            size = self.cell_size
+            cell = (int(record[2] // size), int(record[3] // size))
+            if old is not None:
+                before = (int(old[2] // size), int(old[3] // size))
+                if before == cell:
+                    return
+                self._leave_cell(before, entity_id)
+            self.cells.setdefault(cell, set()).add(entity_id)
+
+    def _leave_cell(self, cell: tuple[int, int], entity_id: int) -> None:
+        members = self.cells.get(cell)
+        if members is not None:
+            members.discard(entity_id)
+            if not members:
+                del self.cells[cell]
+
     def _remove(self, entity_id: int) -> None:
+        if self.cell_size:
+            old = self.records[entity_id]
+            self._leave_cell(
+                (int(old[2] // self.cell_size), int(old[3] // self.cell_size)), entity_id
+            )
         del self.records[entity_id]
         del self.owner[entity_id]
         for worker in self.targets.pop(entity_id, ()):

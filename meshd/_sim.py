@@ -347,20 +347,25 @@ def group_events(events: Iterable[Sequence[Any]]) -> dict[int, list[Event]]:
 
 
 class WorldBuilder:
-    """Handed to ``Plugin.create_world`` to populate a new world."""
+    """Handed to ``Plugin.create_world`` to populate a new world, and to
+    ``Plugin.new_player`` (between ticks) to spawn a new player's entity."""
 
-    def __init__(self, plugins: PluginSet, world: WorldParams) -> None:
+    def __init__(
+        self, plugins: PluginSet, world: WorldParams, *, first_id: int = 1, tick: int = 0
+    ) -> None:
         self.size = world.size
-        self.rng = TickRng(seed_for(world.seed, 0, 0))
+        self.tick = tick
+        self.rng = TickRng(seed_for(world.seed, tick, 0 if tick == 0 else first_id))
         self.settings: Any = None
         self.records: list[list[Any]] = []
         self._plugins = plugins
+        self._first_id = first_id
 
     def spawn(self, kind: str, x: float, y: float, z: float = 0.0, state: Any = None) -> int:
         codec = self._plugins.codecs.get(kind)
         if codec is None:
             raise KeyError(f"unknown entity kind {kind!r}")
-        entity_id = len(self.records) + 1
+        entity_id = self._first_id + len(self.records)
         state = codec.cls() if state is None else state
         values = codec.to_wire(state)
         check_wire_value(values)
@@ -402,6 +407,9 @@ class WorkerSim:
         self.targets: dict[int, tuple[int, ...]] = {}
         self.dirty: set[int] = set()
         self.frozen: set[int] = set()
+        self.watch: set[tuple[int, int]] = set()
+        self.watch_cell = 0.0
+        self._unreported_in: set[tuple[int, int]] = set()
 
     def record(self, entity: Entity) -> list[Any]:
         return [
@@ -451,6 +459,8 @@ class WorkerSim:
                 ghost_upsert=restore.ghost_upsert,
                 acquire=restore.acquire,
                 freeze=restore.frozen,
+                watch=restore.watch,
+                watch_cell=restore.watch_cell,
             )
         )
 
@@ -474,6 +484,37 @@ class WorkerSim:
             if targets:
                 self.targets[entity.id] = tuple(targets)
         self.frozen.update(step.freeze)
+        if step.watch is not None:
+            self._set_watch(step.watch, step.watch_cell)
+
+    def _set_watch(self, cells: Sequence[Sequence[int]], size: float) -> None:
+        """Look where players look; anything changed unreported in a new cell goes out now."""
+        watch = {(int(cx), int(cy)) for cx, cy in cells}
+        added = watch - self.watch
+        self.watch, self.watch_cell = watch, size
+        if added:
+            self._unreported_in = added
+
+    def _cell(self, x: float, y: float) -> tuple[int, int]:
+        return int(x // self.watch_cell), int(y // self.watch_cell)
+
+    def _report_watched(self, changed: list[int], prev: dict[int, View], reply: Reply) -> None:
+        """Full records of changed entities in (or just out of) watched cells, for the views."""
+        watch, dirty, cell = self.watch, self.dirty, self._cell
+        candidates: Iterable[int] = changed
+        if self._unreported_in:
+            candidates = list(dirty)
+            self._unreported_in = set()
+        for entity_id in candidates:
+            entity = self.entities.get(entity_id)
+            if entity is None or entity_id not in dirty:
+                continue
+            before = prev.get(entity_id)
+            if cell(entity.x, entity.y) in watch or (
+                before is not None and cell(before.x, before.y) in watch
+            ):
+                reply.dirty.append(self.record(entity))
+                dirty.discard(entity_id)
 
     def _release(self, entity_id: int) -> None:
         """Forget an owned entity that a new layout gives to another worker."""
@@ -505,6 +546,7 @@ class WorkerSim:
         moves: list[tuple[Entity, str, str]] = []
         leaving: list[tuple[Entity, str]] = []
         despawned, frozen = ctx.despawned, self.frozen
+        watch, changed = self.watch, []
 
         for leaf, members in self.members.items():
             leaf_started = time.process_time()
@@ -558,6 +600,8 @@ class WorkerSim:
                         del targets[entity.id]
                 else:
                     dirty.add(entity.id)
+                    if watch:
+                        changed.append(entity.id)
             reply.cost_ms[leaf] = (time.process_time() - leaf_started) * 1000.0
 
         for entity, old_leaf, new_leaf in moves:
@@ -569,8 +613,10 @@ class WorkerSim:
             targets.pop(entity.id, None)
             dirty.discard(entity.id)
         reply.despawn = sorted(despawned)
+        if watch:
+            self._report_watched(changed, prev, reply)
         if step.checkpoint:
-            reply.dirty = [self.record(self.entities[i]) for i in sorted(dirty)]
+            reply.dirty.extend(self.record(self.entities[i]) for i in sorted(dirty))
             dirty.clear()
         reply.spawns = ctx.spawns
         reply.events = ctx.events

@@ -31,6 +31,12 @@ CREATE TABLE IF NOT EXISTS entity (
     state BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS player (
+    name TEXT PRIMARY KEY,
+    salt BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    entity INTEGER NOT NULL
+);
 """
 
 
@@ -89,6 +95,13 @@ class Store:
             "SELECT id, kind, x, y, z, state FROM entity WHERE id = ?", (entity_id,)
         ).fetchone()
 
+    def players(self) -> list[tuple[str, bytes, bytes, int]]:
+        """Every claimed player name: (name, salt, secret hash, entity id)."""
+        try:
+            return list(self.db.execute("SELECT name, salt, hash, entity FROM player"))
+        except sqlite3.OperationalError:
+            return []  # a database from before players existed, opened read-only
+
     def write(self, delta: Delta, schema: Mapping[str, Sequence[str]]) -> None:
         """Write one whole tick in one transaction (all or nothing)."""
         rows = [to_row(record, schema) for record in delta.upserts]
@@ -105,6 +118,7 @@ class Store:
         try:
             db.executemany("INSERT OR REPLACE INTO entity VALUES (?, ?, ?, ?, ?, ?)", rows)
             db.executemany("DELETE FROM entity WHERE id = ?", [(i,) for i in delta.deletes])
+            db.executemany("INSERT OR REPLACE INTO player VALUES (?, ?, ?, ?)", delta.players)
             db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [(key, cbor2.dumps(value)) for key, value in meta.items()],

@@ -89,6 +89,13 @@ def serve_command(
         bool | None,
         typer.Option("--log-json/--log-console", help="Log format [default: JSON unless a TTY]."),
     ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHD_GATEWAY_LISTEN",
+            help='Player gateway HOST:PORT ("" = none) [default: 127.0.0.1:7777].',
+        ),
+    ] = None,
 ) -> None:
     """Run the world: a core process and its worker processes."""
     cfg = _config(
@@ -100,6 +107,7 @@ def serve_command(
             "tick.rate": rate,
             "world.seed": seed,
             "log.json": log_json,
+            "gateway.listen": listen,
         },
     )
     configure(json=cfg.log.json, level=cfg.log.level)
@@ -305,6 +313,38 @@ def bench_command(
     else:
         raise _fail(f"unknown scenario {scenario!r}; available: sim, failover, rush", 2)
     _print_json(result) if as_json else _pairs(result, f"bench {scenario}")
+
+
+@app.command("bots")
+def bots_command(
+    connect: Annotated[
+        str, typer.Option("--connect", help="Gateway HOST:PORT.", envvar="MESHD_GATEWAY_LISTEN")
+    ] = "127.0.0.1:7777",
+    count: Annotated[int, typer.Option(min=1, help="Connections.")] = 10,
+    duration: Annotated[
+        float, typer.Option(min=0.1, help="Seconds of play, all connected.")
+    ] = 10.0,
+    scenario: Annotated[str, typer.Option(help="wander, rush or cross.")] = "wander",
+    target: Annotated[str, typer.Option(help="rush: X,Y as shares of the world size.")] = "0.5,0.5",
+    as_json: JsonOption = False,
+) -> None:
+    """Drive N real player connections from one process; exit 1 on unexpected disconnects."""
+    from meshd._bots import SCENARIOS, run_bots
+
+    if scenario not in SCENARIOS:
+        raise _fail(f"unknown scenario {scenario!r}; available: {', '.join(SCENARIOS)}", 2)
+    try:
+        host, port = connect.rsplit(":", 1)
+        tx, ty = (float(v) for v in target.split(","))
+        address = (host, int(port))
+    except ValueError:
+        raise _fail("--connect takes HOST:PORT and --target X,Y", 2) from None
+    result = trio.run(
+        lambda: run_bots(*address, count, duration, scenario=scenario, target=(tx, ty))
+    )
+    _print_json(result) if as_json else _pairs(result, f"bots: {scenario}")
+    if result["disconnects"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -11,7 +11,9 @@ Everything here exercises a mesh guarantee:
   edge are ghosts owned by another worker;
 - bottles fly 2 m per tick, cross partitions and hit patrons owned by other
   workers through a ``bottle_hit`` event, resolved exactly once;
-- mugs never move and never tick: they stay where they fell, forever.
+- mugs never move and never tick: they stay where they fell, forever;
+- players (see ``new_player`` and ``inputs``) walk, throw bottles, drop mugs
+  and pick them up again, through the client gateway.
 """
 
 from __future__ import annotations
@@ -108,6 +110,20 @@ class Bottle:
 class Mug:
     dropped_by: int = 0
     dropped_at: int = 0
+    taken: bool = False
+
+
+@attrs.frozen
+class Player:
+    """A connected (or sleeping) player: walks where told, throws, drops and picks up mugs."""
+
+    name: str = ""
+    vx: float = 0.0
+    vy: float = 0.0
+    hp: int = 5
+    hits: int = 0
+    has_mug: bool = True
+    away: bool = False
 
 
 def _drop_mug(me: Entity, ctx: Context) -> None:
@@ -191,7 +207,83 @@ def bottle(me: Entity, ctx: Context) -> None:
     me.state = attrs.evolve(state, ttl=state.ttl - 1)
 
 
+PLAYER_SPEED = 5.0  # m/s
+REACH = 1.5  # metres a player can pick a mug up from
+
+
+def player(me: Entity, ctx: Context) -> None:
+    state: Player = me.state
+    if state.vx or state.vy:
+        me.x += state.vx * ctx.dt
+        me.y += state.vy * ctx.dt
+
+
+def on_move(me: Entity, event: Event, ctx: Context) -> None:
+    """``move {dx, dy}``: walk that way at full speed (0, 0 stops)."""
+    dx, dy = float(event.data.get("dx", 0.0)), float(event.data.get("dy", 0.0))
+    length = math.hypot(dx, dy)
+    scale = PLAYER_SPEED / length if length > 1e-9 and math.isfinite(length) else 0.0
+    me.state = attrs.evolve(me.state, vx=dx * scale, vy=dy * scale)
+
+
+def on_throw(me: Entity, event: Event, ctx: Context) -> None:
+    """``throw {angle}``: a bottle flies off at ``angle`` radians."""
+    angle = float(event.data.get("angle", 0.0))
+    if not math.isfinite(angle):
+        raise ValueError("angle must be a finite number")
+    velocity = (math.cos(angle) * BOTTLE_SPEED, math.sin(angle) * BOTTLE_SPEED)
+    ctx.spawn("bottle", me.x, me.y, state=Bottle(vx=velocity[0], vy=velocity[1], thrower=me.id))
+
+
+def on_drop(me: Entity, event: Event, ctx: Context) -> None:
+    """``drop``: put the mug down here; it stays, forever."""
+    if me.state.has_mug:
+        _drop_mug(me, ctx)
+
+
+def on_pick_up(me: Entity, event: Event, ctx: Context) -> None:
+    """``pick_up``: ask the nearest mug within reach to come along (next tick)."""
+    if me.state.has_mug:
+        return
+    mugs = ctx.nearby(REACH, "mug")
+    if mugs:
+        nearest = min(mugs, key=lambda m: ((m.x - me.x) ** 2 + (m.y - me.y) ** 2, m.id))
+        ctx.send(nearest.id, "pick_up", {"by": me.id})
+
+
+def on_mug_picked(me: Entity, event: Event, ctx: Context) -> None:
+    if me.kind != "mug" or me.state.taken:
+        return  # a second taker in the same tick gets nothing
+    me.state = attrs.evolve(me.state, taken=True)
+    ctx.send(event.data["by"], "got_mug")
+    ctx.despawn()
+
+
+def on_got_mug(me: Entity, event: Event, ctx: Context) -> None:
+    if me.kind == "player":
+        me.state = attrs.evolve(me.state, has_mug=True)
+
+
+def on_join(me: Entity, event: Event, ctx: Context) -> None:
+    me.state = attrs.evolve(me.state, away=False)
+
+
+def on_leave(me: Entity, event: Event, ctx: Context) -> None:
+    me.state = attrs.evolve(me.state, away=True, vx=0.0, vy=0.0)
+
+
+def new_player(name: str, world: WorldBuilder) -> None:
+    """A new player walks in at the tavern's door."""
+    settings: TavernSettings = world.settings
+    x = settings.tavern_x * world.size + world.rng.uniform(-2.0, 2.0)
+    y = settings.tavern_y * world.size - settings.tavern_radius
+    world.spawn("player", x, y, state=Player(name=name))
+
+
 def on_bottle_hit(me: Entity, event: Event, ctx: Context) -> None:
+    if me.kind == "player":
+        me.state = attrs.evolve(me.state, hp=max(me.state.hp - 1, 0), hits=me.state.hits + 1)
+        return
     if me.kind != "patron":
         return
     state: Patron = me.state
@@ -226,8 +318,18 @@ plugin = Plugin(
         "patron": Kind(Patron, systems=(patron,), max_speed=RUN_SPEED, radius=PERCEPTION),
         "bottle": Kind(Bottle, systems=(bottle,), max_speed=BOTTLE_SPEED, radius=BOTTLE_HIT_RADIUS),
         "mug": Kind(Mug),
+        "player": Kind(Player, systems=(player,), max_speed=PLAYER_SPEED, radius=REACH),
     },
-    events={"bottle_hit": on_bottle_hit},
+    events={"bottle_hit": on_bottle_hit, "pick_up": on_mug_picked, "got_mug": on_got_mug},
     create_world=create_world,
     settings=TavernSettings,
+    new_player=new_player,
+    inputs={
+        "move": on_move,
+        "throw": on_throw,
+        "drop": on_drop,
+        "pick_up": on_pick_up,
+        "join": on_join,
+        "leave": on_leave,
+    },
 )

@@ -38,6 +38,7 @@ def write_config(folder: Path, world: dict[str, Any], name: str = "meshd.toml") 
     sections = {key: dict(value) for key, value in world.items()}
     sections.setdefault("data", {}).setdefault("dir", str(folder / "data"))
     sections.setdefault("plugins", {}).setdefault("dirs", [str(PLUGINS)])
+    sections.setdefault("gateway", {}).setdefault("listen", "127.0.0.1:0")  # any free port
     lines = []
     for section, table in sections.items():
         nested = {k: v for k, v in table.items() if isinstance(v, dict)}

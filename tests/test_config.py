@@ -47,8 +47,9 @@ def test_plugin_tables_become_plugin_settings(tmp_path: Path) -> None:
 def test_the_shipped_config_is_valid() -> None:
     config = load_config(REPO / "meshd.toml", environ={})
     assert config.plugins.load == ["tavern"]
-    assert load_plugin_set(config).kinds.keys() == {"patron", "bottle", "mug"}
-    load_plugin_set(load_config(REPO / "examples" / "space.toml", environ={}))
+    assert load_plugin_set(config).kinds.keys() == {"patron", "bottle", "mug", "player"}
+    for example in ("space", "rush"):
+        load_plugin_set(load_config(REPO / "examples" / f"{example}.toml", environ={}))
 
 
 @pytest.mark.parametrize(

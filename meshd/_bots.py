@@ -1,0 +1,192 @@
+"""``meshd bots``: many real player connections from one process, over the real protocol.
+
+Each bot logs in (claiming ``bot-N`` the first time), then sends a ``move``
+input ten times a second following its scenario and a ping every second,
+while reading every view update. The summary counts what a player would
+notice: disconnects, view updates per second, gaps in the tick numbers,
+updates that lacked the bot's own entity, and round-trip times.
+
+Scenarios (positions are shares of the world size):
+
+- ``wander``: a new random heading every two seconds;
+- ``rush``: everyone heads for the target (default the tavern of the
+  example world) for the first half of the run, then scatters;
+- ``cross``: walk east and west across the middle of the world, crossing
+  partition boundaries again and again.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from meshd.client import ConnectionLost, Player, ServerError, connect
+
+SCENARIOS = ("wander", "rush", "cross")
+MOVE_EVERY = 0.1
+PING_EVERY = 1.0
+
+
+@attrs.define
+class BotStats:
+    connected: bool = False
+    disconnected: str = ""
+    views: int = 0
+    gaps: int = 0
+    missing_self: int = 0
+    first_view: float = 0.0
+    last_view: float = 0.0
+    rtts: list[float] = attrs.field(factory=list)
+
+
+def _heading(
+    scenario: str,
+    player: Player,
+    elapsed: float,
+    duration: float,
+    target: tuple[float, float],
+    rng: random.Random,
+) -> tuple[float, float]:
+    """The direction a bot walks now (not normalised; (0, 0) stops)."""
+    me = player.world.get(player.entity)
+    size = player.welcome.world_size
+    if me is None:
+        return 0.0, 0.0
+    if scenario == "wander":
+        angle = rng.uniform(0, math.tau) if rng.random() < MOVE_EVERY / 2 else None
+        if angle is None:
+            return me.get("vx", 0.0), me.get("vy", 0.0)
+        return math.cos(angle), math.sin(angle)
+    if scenario == "rush":
+        tx, ty = target[0] * size, target[1] * size
+        towards = (tx - me["x"], ty - me["y"])
+        if elapsed < duration / 2:
+            return towards if math.hypot(*towards) > 3.0 else (0.0, 0.0)
+        return -towards[0] + rng.uniform(-1, 1), -towards[1] + rng.uniform(-1, 1)
+    # cross: east until 70% of the world, then west until 30%, and again
+    going_east = me.get("vx", 1.0) >= 0
+    if going_east and me["x"] > 0.7 * size:
+        going_east = False
+    elif not going_east and me["x"] < 0.3 * size:
+        going_east = True
+    return (1.0 if going_east else -1.0), 0.0
+
+
+async def run_bot(
+    bot: int,
+    host: str,
+    port: int,
+    scenario: str,
+    duration: float,
+    target: tuple[float, float],
+    stats: BotStats,
+    started: trio.Event,
+    logins: trio.CapacityLimiter,
+) -> None:
+    """One bot: log in, then move, ping and read views until ``duration`` ends."""
+    rng = random.Random(bot)
+    try:
+        async with logins:
+            player = await connect(host, port, f"bot-{bot}", f"bot-{bot}-secret")
+    except (OSError, ServerError, ConnectionLost) as exc:
+        stats.disconnected = f"login: {exc}"
+        return
+    stats.connected = True
+    await started.wait()
+    begin = time.monotonic()
+    async with player:
+        with trio.move_on_after(duration):
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_read, player, stats)
+                    while True:
+                        dx, dy = _heading(
+                            scenario, player, time.monotonic() - begin, duration, target, rng
+                        )
+                        await player.send("move", dx=dx, dy=dy)
+                        if rng.random() < MOVE_EVERY / PING_EVERY:
+                            await player.ping()
+                        await trio.sleep(MOVE_EVERY)
+            except (ServerError, ConnectionLost, trio.BrokenResourceError) as exc:
+                stats.disconnected = str(exc)
+    stats.rtts = player.rtts
+
+
+async def _read(player: Player, stats: BotStats) -> None:
+    last_tick = None
+    async for view in player.views():
+        now = time.monotonic()
+        if stats.views == 0:
+            stats.first_view = now
+        stats.views += 1
+        stats.last_view = now
+        if last_tick is not None and view.tick != last_tick + 1:
+            stats.gaps += 1
+        last_tick = view.tick
+        if player.entity not in player.world:
+            stats.missing_self += 1
+
+
+async def run_bots(
+    host: str,
+    port: int,
+    count: int,
+    duration: float,
+    scenario: str = "wander",
+    target: tuple[float, float] = (0.5, 0.5),
+    connect_concurrency: int = 50,
+) -> dict[str, Any]:
+    """Connect ``count`` bots, run them for ``duration`` seconds together, summarise."""
+    stats = [BotStats() for _ in range(count)]
+    started = trio.Event()
+    logins = trio.CapacityLimiter(connect_concurrency)
+    connect_started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for bot in range(count):
+            nursery.start_soon(
+                run_bot, bot, host, port, scenario, duration, target, stats[bot], started, logins
+            )
+        while sum(1 for s in stats if s.connected or s.disconnected) < count:
+            await trio.sleep(0.05)
+        connected = sum(1 for s in stats if s.connected)
+        connect_seconds = time.monotonic() - connect_started
+        started.set()
+    rates = [
+        s.views / (s.last_view - s.first_view)
+        for s in stats
+        if s.connected and s.views > 1 and s.last_view > s.first_view
+    ]
+    rtts = sorted(r for s in stats for r in s.rtts)
+    reasons: dict[str, int] = {}
+    for s in stats:
+        if s.disconnected:
+            reasons[s.disconnected] = reasons.get(s.disconnected, 0) + 1
+    return {
+        "scenario": scenario,
+        "count": count,
+        "connected": connected,
+        "disconnects": sum(1 for s in stats if s.disconnected),
+        "disconnect_reasons": reasons,
+        "connect_s": round(connect_seconds, 2),
+        "duration_s": duration,
+        "updates_per_s": round(statistics.mean(rates), 2) if rates else 0.0,
+        "updates_per_s_min": round(min(rates), 2) if rates else 0.0,
+        "tick_gaps": sum(s.gaps for s in stats),
+        "missing_self": sum(s.missing_self for s in stats),
+        "rtt_ms": {
+            "p50": round(_quantile(rtts, 0.5), 2),
+            "p99": round(_quantile(rtts, 0.99), 2),
+        },
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(int(q * len(values)), len(values) - 1)]

@@ -1,0 +1,451 @@
+"""The client gateway: players connect over TCP (a trio shell around the protocol).
+
+Each connection is one task: it reads the ``Login`` within
+``gateway.login_timeout``, checks or claims the name (secrets are scrypt
+hashes, compared in constant time, computed in a thread), and then reads
+inputs under a token bucket while a writer task drains a bounded queue of
+outgoing frames. Everything a client can get wrong ends with one ``Error``
+frame and the close of that connection only; nothing a client does can make
+the tick loop wait.
+
+The tick loop calls :meth:`Gateway.before_tick` (new players' entities,
+inputs and join/leave become events for the next step) and
+:meth:`Gateway.after_tick` (cells to watch, view updates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import socket
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from meshd._config import GatewayConfig
+from meshd._interest import Viewer, update_view, visible, watch_cells
+from meshd._logging import get_logger
+from meshd._messages import WorldParams
+from meshd._plugin import INPUT_PREFIX, JOIN, LEAVE, PluginSet
+from meshd._protocol import (
+    MAX_CLIENT_FRAME,
+    PROTOCOL_VERSION,
+    Error,
+    Input,
+    Login,
+    Ping,
+    Pong,
+    View,
+    Welcome,
+    decode_client,
+    encode,
+)
+from meshd._replication import Replication
+from meshd._sim import WorldBuilder
+from meshd._wire import FrameDecoder, WireError, frame
+
+SALT_BYTES = 16
+SEND_BUFFER = 256 << 10
+CLOSE_GRACE = 1.0
+"""Seconds a closing connection gets to flush its last frames and the error."""
+
+
+def hash_secret(secret: str, salt: bytes, cost: int) -> bytes:
+    """scrypt of the secret (N = 2**cost, r = 8, p = 1): slow on purpose; call it in a thread."""
+    return hashlib.scrypt(
+        secret.encode(), salt=salt, n=1 << cost, r=8, p=1, maxmem=256 << 20, dklen=32
+    )
+
+
+@attrs.define
+class Account:
+    salt: bytes
+    digest: bytes
+    entity: int
+
+
+class Refused(Exception):
+    """A login or frame the gateway refuses: the client gets ``Error(code, message)``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@attrs.define(eq=False)
+class Client:
+    """One logged-in connection."""
+
+    name: str
+    entity: int
+    outbox: trio.MemorySendChannel[bytes]
+    viewer: Viewer
+    tokens: float
+    refilled: float
+    last_seq: int = 0
+    acked: int = 0
+    error: Error | None = None
+    closed: bool = False
+    connection: trio.CancelScope | None = None
+
+    def offer(self, data: bytes) -> bool:
+        """Queue a frame; False (and the client is dropped) when it reads too slowly."""
+        if self.closed:
+            return False
+        try:
+            self.outbox.send_nowait(data)
+        except trio.WouldBlock:
+            self.close(Error("slow", "you read too slowly: dropped"), grace=0.0)
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.closed = True
+            return False
+        return True
+
+    def close(self, error: Error | None = None, grace: float = CLOSE_GRACE) -> None:
+        """Stop sending: the writer flushes what is queued, then ``error``, then hangs up,
+        all within ``grace`` seconds (a client that does not read gets no more)."""
+        if not self.closed:
+            self.closed, self.error = True, error
+            self.outbox.close()
+            if self.connection is not None:
+                self.connection.deadline = min(
+                    self.connection.deadline, trio.current_time() + grace
+                )
+
+
+@attrs.define(eq=False)
+class Join:
+    """A new player waiting for the tick boundary that creates its entity."""
+
+    name: str
+    done: trio.Event = attrs.field(factory=trio.Event)
+    entity: int = 0
+    error: str = ""
+
+
+class Gateway:
+    """Player connections, accounts and views."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        plugins: PluginSet,
+        world: WorldParams,
+        replication: Replication,
+        accounts: dict[str, Account],
+        rate: float,
+    ) -> None:
+        self.config = config
+        self.rate = rate
+        self.plugins = plugins
+        self.world = world
+        self.replication = replication
+        self.accounts = accounts
+        self.clients: dict[int, Client] = {}
+        self.connections = 0
+        self.new_claims: list[tuple[str, bytes, bytes, int]] = []
+        self.joins: list[Join] = []
+        self.inputs: list[tuple[int, str, Any, int]] = []
+        """(entity, action, args, client seq) in arrival order."""
+        self.refused: dict[str, int] = {}
+        """Connections refused before or at login, by error code."""
+        self.kicked: dict[str, int] = {}
+        """Players disconnected by the server, by error code."""
+        self.address = ""
+        self._claiming: set[str] = set()
+        self._hashing = trio.CapacityLimiter(1)
+        self._log = get_logger(component="gateway")
+
+    # -- connections ------------------------------------------------------
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.config.address()
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        sockname = listeners[0].socket.getsockname()
+        self.address = f"{sockname[0]}:{sockname[1]}"
+        self._log.info("gateway listening", address=self.address)
+        task_status.started(self.address)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        # Bounded kernel buffers too: a reader that stalls is noticed within a second or two.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        self.connections += 1
+        try:
+            async with stream:
+                await self._connection(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.connections -= 1
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        decoder = FrameDecoder(MAX_CLIENT_FRAME)
+        try:
+            if self.connections > self.config.max_clients:
+                raise Refused("full", f"the server takes {self.config.max_clients} connections")
+            with trio.fail_after(self.config.login_timeout):
+                login = await self._next_message(stream, decoder)
+            if not isinstance(login, Login):
+                raise Refused("login_first", "the first message must be a login")
+            if login.version != PROTOCOL_VERSION:
+                raise Refused("version", f"this server speaks protocol {PROTOCOL_VERSION}")
+            entity = await self._log_in(login)
+        except trio.TooSlowError:
+            await self._refuse(stream, "login_timeout", "no login in time")
+            return
+        except Refused as refused:
+            await self._refuse(stream, refused.code, refused.message)
+            return
+        except WireError as exc:
+            await self._refuse(stream, "bad_frame", str(exc))
+            return
+        except EOFError:
+            return
+        await self._play(stream, decoder, login.name, entity)
+
+    async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+        with trio.move_on_after(1.0):
+            await stream.send_all(frame(encode(Error(code, message))))
+
+    async def _next_message(self, stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
+        """The next client message; EOFError when the client hangs up."""
+        while True:
+            body = next(decoder.frames(), None)
+            if body is not None:
+                return decode_client(body)
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                raise EOFError
+            decoder.feed(data)
+
+    async def _log_in(self, login: Login) -> int:
+        """Check or claim ``login.name``; the player's entity id."""
+        if self.plugins.new_player is None:
+            raise Refused("no_players", "no loaded plugin defines player entities")
+        name, cost = login.name, self.config.hash_cost
+        if name in self._claiming:
+            raise Refused("busy", f"the name {name!r} is being claimed right now")
+        self._claiming.add(name)
+        try:
+            account = self.accounts.get(name)
+            if account is not None:
+                digest = await trio.to_thread.run_sync(
+                    hash_secret, login.secret, account.salt, cost, limiter=self._hashing
+                )
+                if not hmac.compare_digest(digest, account.digest):
+                    raise Refused("auth", f"wrong secret for {name!r}")
+                if account.entity in self.replication.records:
+                    return account.entity
+                salt, digest = account.salt, account.digest  # its entity is gone: a new one
+            else:
+                salt = os.urandom(SALT_BYTES)
+                digest = await trio.to_thread.run_sync(
+                    hash_secret, login.secret, salt, cost, limiter=self._hashing
+                )
+            join = Join(name)
+            self.joins.append(join)
+            await join.done.wait()
+            if join.error:
+                raise Refused("server_error", join.error)
+            self.accounts[name] = Account(salt, digest, join.entity)
+            self.new_claims.append((name, salt, digest, join.entity))
+            self._log.info("new player", name=name, entity=join.entity)
+            return join.entity
+        finally:
+            self._claiming.discard(name)
+
+    async def _play(
+        self, stream: trio.SocketStream, decoder: FrameDecoder, name: str, entity: int
+    ) -> None:
+        send, receive = trio.open_memory_channel[bytes](self.config.send_queue)
+        client = Client(
+            name,
+            entity,
+            send,
+            Viewer(entity),
+            tokens=float(self.config.input_burst),
+            refilled=time.monotonic(),
+        )
+        previous = self.clients.get(entity)
+        if previous is not None:
+            previous.close(Error("replaced", "you logged in from somewhere else"))
+        self.clients[entity] = client
+        self._player_input(entity, JOIN)
+        repl = self.replication
+        client.offer(
+            frame(
+                encode(
+                    Welcome(
+                        version=PROTOCOL_VERSION,
+                        player=entity,
+                        tick=repl.tick,
+                        rate=self.rate,
+                        world_size=self.world.size,
+                        view_radius=self.config.view_radius,
+                    )
+                )
+            )
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                client.connection = nursery.cancel_scope
+                nursery.start_soon(self._writer, stream, receive, client, nursery.cancel_scope)
+                await self._reader(stream, decoder, client)
+                client.close(client.error)
+        finally:
+            if self.clients.get(entity) is client:
+                del self.clients[entity]
+                self._player_input(entity, LEAVE)
+            client.close()
+            if client.error is not None:
+                self.kicked[client.error.code] = self.kicked.get(client.error.code, 0) + 1
+
+    async def _reader(
+        self, stream: trio.SocketStream, decoder: FrameDecoder, client: Client
+    ) -> None:
+        config = self.config
+        while not client.closed:
+            try:
+                message = await self._next_message(stream, decoder)
+            except WireError as exc:
+                client.close(Error("bad_frame", str(exc)))
+                return
+            except EOFError:
+                return
+            if isinstance(message, Input):
+                now = time.monotonic()
+                client.tokens = min(
+                    config.input_burst, client.tokens + (now - client.refilled) * config.input_rate
+                )
+                client.refilled = now
+                if client.tokens < 1:
+                    client.close(Error("flood", f"more than {config.input_rate:g} inputs/s"))
+                    return
+                client.tokens -= 1
+                if not self.plugins.accepts(message.action) or message.action in (JOIN, LEAVE):
+                    client.offer(frame(encode(Error("bad_input", f"no action {message.action!r}"))))
+                    continue
+                client.last_seq = message.seq
+                self.inputs.append((client.entity, message.action, message.args, message.seq))
+            elif isinstance(message, Ping):
+                client.offer(frame(encode(Pong(message.id, self.replication.tick))))
+            else:
+                client.close(Error("already_logged_in", "log in once per connection"))
+                return
+
+    @staticmethod
+    async def _writer(
+        stream: trio.SocketStream,
+        frames: trio.MemoryReceiveChannel[bytes],
+        client: Client,
+        done: trio.CancelScope,
+    ) -> None:
+        try:
+            async for data in frames:
+                await stream.send_all(data)
+            if client.error is not None:
+                await stream.send_all(frame(encode(client.error)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            client.closed = True
+            done.cancel()
+
+    def _player_input(self, entity: int, action: str) -> None:
+        if self.plugins.accepts(action):
+            self.inputs.append((entity, action, {}, 0))
+
+    # -- the tick loop's side ---------------------------------------------
+
+    def before_tick(self, tick: int) -> int:
+        """New players' entities and queued inputs into the world; returns inputs dropped."""
+        repl = self.replication
+        joins, self.joins = self.joins, []
+        plugin = self.plugins.new_player
+        for join in joins:
+            assert plugin is not None and plugin.new_player is not None
+            builder = WorldBuilder(self.plugins, self.world, first_id=repl.next_id, tick=tick)
+            builder.settings = self.plugins.settings.get(plugin.name)
+            try:
+                plugin.new_player(join.name, builder)
+                if len(builder.records) != 1:
+                    raise ValueError(f"spawned {len(builder.records)} entities instead of one")
+            except Exception as exc:
+                join.error = f"plugin {plugin.name}: new_player failed: {exc}"
+                self._log.error("new player refused", name=join.name, error=join.error)
+            else:
+                repl.add_entity(builder.records[0])
+                join.entity = builder.records[0][0]
+            join.done.set()
+        inputs, self.inputs = self.inputs, []
+        events = []
+        for seq, (entity, action, args, client_seq) in enumerate(inputs):
+            events.append([entity, 0, seq, INPUT_PREFIX + action, args])
+            client = self.clients.get(entity)
+            if client is not None and client_seq:
+                client.acked = client_seq
+        return repl.inject(events)
+
+    def after_tick(self, tick: int) -> None:
+        """Watch the cells around players; send every player its view update."""
+        repl = self.replication
+        records, config = repl.records, self.config
+        present = [c for c in self.clients.values() if c.entity in records]
+        repl.set_watch(
+            watch_cells(
+                ((records[c.entity][2], records[c.entity][3]) for c in present),
+                config.view_radius,
+                repl.cell_size,
+            )
+            if present
+            else []
+        )
+        if tick % config.view_every:
+            return
+        codecs = self.plugins.codecs
+        items: dict[int, list[Any]] = {}
+
+        def item(record: list[Any]) -> list[Any]:
+            found = items.get(record[0])
+            if found is None:
+                entity_id, kind, x, y, z, state = record
+                found = items[entity_id] = [entity_id, kind, x, y, z, codecs[kind].to_dict(state)]
+            return found
+
+        for client in present:
+            ids = visible(
+                records[client.entity],
+                records,
+                repl.cells,
+                repl.cell_size,
+                config.view_radius,
+                config.view_max,
+            )
+            enter, update, leave = update_view(client.viewer, ids, records, item)
+            client.offer(frame(encode(View(tick, client.acked, enter, update, leave))))
+
+    def take_claims(self) -> list[tuple[str, bytes, bytes, int]]:
+        claims, self.new_claims = self.new_claims, []
+        return claims
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "players": len(self.clients),
+            "connections": self.connections,
+            "refused": dict(self.refused),
+            "kicked": dict(self.kicked),
+        }
+
+
+def cell_size(config: GatewayConfig) -> float:
+    """Side of the interest cells: the view radius (a view spans at most 3 x 3 cells)."""
+    return math.ceil(config.view_radius)

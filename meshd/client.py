@@ -1,0 +1,137 @@
+"""A trio client for the meshd player protocol (see ``docs/protocol.md``).
+
+    async with await meshd.client.connect("127.0.0.1", 7777, "ada", "s3cret") as player:
+        await player.send("move", dx=1.0, dy=0.0)
+        async for view in player.views():
+            print(view.tick, player.world[player.entity])
+
+:class:`Player` keeps ``world``, the entities currently in view, up to date
+from the view updates it yields. Errors from the server raise
+:class:`ServerError`; a dropped connection raises :class:`ConnectionLost`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from meshd._protocol import (
+    PROTOCOL_VERSION,
+    Error,
+    Input,
+    Login,
+    Ping,
+    Pong,
+    View,
+    Welcome,
+    decode_server,
+    encode,
+)
+from meshd._wire import FrameDecoder, frame
+
+SERVER_FRAME_CAP = 16 << 20
+
+
+class ServerError(Exception):
+    """The server sent an ``Error``: ``code`` and ``message`` say why."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.code = error.code
+        self.message = error.message
+
+
+class ConnectionLost(Exception):
+    """The server closed the connection without an ``Error``."""
+
+
+class Player:
+    """One logged-in connection."""
+
+    def __init__(self, stream: trio.SocketStream, welcome: Welcome, decoder: FrameDecoder) -> None:
+        self.stream = stream
+        self.welcome = welcome
+        self.entity = welcome.player
+        self.world: dict[int, dict[str, Any]] = {}
+        self.tick = welcome.tick
+        self._decoder = decoder
+        self._seq = itertools.count(1)
+        self._pings: dict[int, float] = {}
+        self.rtts: list[float] = []
+        """Round-trip times of answered pings, in milliseconds."""
+
+    async def __aenter__(self) -> Player:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stream.aclose()
+
+    async def send(self, action: str, **args: Any) -> int:
+        """Send one input; returns its sequence number (echoed as ``View.ack``)."""
+        seq = next(self._seq)
+        await self.stream.send_all(frame(encode(Input(seq=seq, action=action, args=args))))
+        return seq
+
+    async def ping(self) -> None:
+        """Send a ping; its round trip lands in ``rtts`` when the pong arrives."""
+        ping_id = next(self._seq)
+        self._pings[ping_id] = time.perf_counter()
+        await self.stream.send_all(frame(encode(Ping(id=ping_id))))
+
+    async def views(self) -> AsyncIterator[View]:
+        """View updates, applied to ``world`` before each is yielded."""
+        while True:
+            message = await _receive(self.stream, self._decoder)
+            if isinstance(message, Pong):
+                sent = self._pings.pop(message.id, None)
+                if sent is not None:
+                    self.rtts.append((time.perf_counter() - sent) * 1000.0)
+                continue
+            if isinstance(message, View):
+                self._apply(message)
+                yield message
+
+    def _apply(self, view: View) -> None:
+        self.tick = view.tick
+        for entity_id in view.leave:
+            self.world.pop(entity_id, None)
+        for entity_id, kind, x, y, z, state in [*view.enter, *view.update]:
+            self.world[entity_id] = {"id": entity_id, "kind": kind, "x": x, "y": y, "z": z, **state}
+
+
+async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
+    while True:
+        body = next(decoder.frames(), None)
+        if body is not None:
+            message = decode_server(body)
+            if isinstance(message, Error):
+                raise ServerError(message)
+            return message
+        try:
+            data = await stream.receive_some(1 << 16)
+        except trio.BrokenResourceError as exc:
+            raise ConnectionLost(str(exc)) from None
+        if not data:
+            raise ConnectionLost("the server closed the connection")
+        decoder.feed(data)
+
+
+async def connect(host: str, port: int, name: str, secret: str) -> Player:
+    """Connect and log in (claiming ``name`` with ``secret`` if it is new)."""
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        await stream.send_all(
+            frame(encode(Login(version=PROTOCOL_VERSION, name=name, secret=secret)))
+        )
+        decoder = FrameDecoder(SERVER_FRAME_CAP)
+        welcome = await _receive(stream, decoder)
+        if not isinstance(welcome, Welcome):
+            raise ConnectionLost(f"expected a welcome, got {type(welcome).__name__}")
+    except BaseException:
+        await stream.aclose()
+        raise
+    return Player(stream, welcome, decoder)

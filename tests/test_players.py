@@ -1,0 +1,297 @@
+"""Players through the real gateway: identity, persistence, hostile clients, crossing workers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+import cbor2
+import pytest
+import trio
+from conftest import TAVERN, meshd, meshd_json, start_daemon, wait_for_status, write_config
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshd import client
+from meshd._protocol import Input, Login, ProtocolError, decode_client, encode
+from meshd._wire import frame
+
+PLAYERS = {**TAVERN, "tick": {"persist_every": 5}}
+
+
+def gateway_of(config: Path) -> tuple[str, int]:
+    address = wait_for_status(config, lambda s: s["gateway"]["address"])["gateway"]["address"]
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+# -- the decoder ------------------------------------------------------------
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_raise_only_the_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_client(data)
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=8),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+            max_leaves=8,
+        ),
+        max_size=5,
+    )
+)
+def test_wellformed_maps_of_any_shape_raise_only_the_protocol_error(value) -> None:
+    for kind in ("Login", "Input", "Ping", None):
+        body = dict(value) if kind is None else {**value, "type": kind}
+        with contextlib.suppress(ProtocolError):
+            decode_client(cbor2.dumps(body))
+
+
+# -- a live server ----------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    config = write_config(tmp_path, PLAYERS)
+    daemon = start_daemon(config, "--rate", "30", "--seed", "7", "--workers", "2")
+    try:
+        yield config, daemon, gateway_of(config)
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+
+
+def raw_exchange(address: tuple[str, int], payload: bytes, *, read: bool = True) -> bytes:
+    """Send raw bytes, then read until the server closes (or 5 s pass)."""
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(payload)
+        received = b""
+        if not read:
+            return received
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return received
+
+
+def frames_of(data: bytes) -> list[dict]:
+    found = []
+    while len(data) >= 4:
+        (length,) = struct.unpack(">I", data[:4])
+        found.append(cbor2.loads(data[4 : 4 + length]))
+        data = data[4 + length :]
+    return found
+
+
+LOGIN = frame(encode(Login(version=1, name="mallory", secret="pw")))
+HOSTILE = [
+    ("oversized length", struct.pack(">I", 1 << 30) + b"\xa0", "bad_frame"),
+    ("tagged CBOR", frame(cbor2.dumps(cbor2.CBORTag(1, 5))), "bad_frame"),
+    ("shared reference", frame(bytes.fromhex("d81c81d81d00")), "bad_frame"),
+    ("string reference", frame(bytes.fromhex("d9010082d81900d81900")), "bad_frame"),
+    ("non-string key", frame(cbor2.dumps({1: "x", "type": "Login"})), "bad_frame"),
+    (
+        "duplicate key",
+        frame(bytes.fromhex("a2647479706565506f6e67647479706565506f6e67")),
+        "bad_frame",
+    ),
+    ("trailing bytes", frame(cbor2.dumps({"type": "Ping", "id": 1}) + b"\x00"), "bad_frame"),
+    ("deep nesting", frame(b"\x81" * 200 + b"\x00"), "bad_frame"),
+    ("tuple keys", frame(bytes.fromhex("a18220210a")), "bad_frame"),
+    ("wrong types", frame(cbor2.dumps({"type": "Login", "version": "1", "name": 5})), "bad_frame"),
+    ("unknown type", frame(cbor2.dumps({"type": "Teleport"})), "bad_frame"),
+    ("input before login", frame(encode(Input(seq=1, action="move"))), "login_first"),
+    ("old version", frame(encode(Login(version=0, name="eve", secret="x"))), "version"),
+]
+
+
+def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
+    config, _daemon, address = server
+
+    async def watch(seen: list[int], stop: trio.Event) -> None:
+        async with await client.connect(*address, "bystander", "secret") as player:
+            async for view in player.views():
+                seen.append(view.tick)
+                if stop.is_set():
+                    return
+
+    async def main() -> None:
+        seen: list[int] = []
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, seen, stop)
+            await trio.sleep(0.5)
+            for name, payload, code in HOSTILE:
+                answer = await trio.to_thread.run_sync(raw_exchange, address, payload)
+                replies = frames_of(answer)
+                assert [r.get("code") for r in replies] == [code], (name, replies)
+                assert replies[0]["type"] == "Error" and replies[0]["message"]
+            # a wrong secret for a claimed name
+            async with await client.connect(*address, "victim", "right"):
+                pass
+            with pytest.raises(client.ServerError, match="auth"):
+                await client.connect(*address, "victim", "wrong")
+            # flooding: inputs far above the rate limit
+            flood = LOGIN + frame(encode(Input(seq=1, action="move"))) * 500
+            replies = frames_of(await trio.to_thread.run_sync(raw_exchange, address, flood))
+            assert replies[0]["type"] == "Welcome" and replies[-1]["code"] == "flood"
+            # never reading: views pile up until the server drops us
+            idle = trio.socket.socket()
+            idle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await idle.connect(address)
+            await idle.send(frame(encode(Login(version=1, name="sleepy", secret="z"))))
+            for _ in range(60):
+                status = await trio.to_thread.run_sync(_status, config)
+                if status["gateway"]["kicked"].get("slow"):
+                    break
+                await trio.sleep(0.5)
+            assert status["gateway"]["kicked"] == {"flood": 1, "slow": 1}
+            idle.close()
+            stop.set()
+        assert len(seen) > 20
+        assert seen == list(range(seen[0], seen[0] + len(seen)))  # the bystander missed nothing
+
+    trio.run(main)
+    status = _status(config)
+    assert status["tick"] > 0 and status["gateway"]["players"] == 0
+
+
+def _status(config: Path) -> dict:
+    return meshd_json("inspect", "status", "--config", str(config))
+
+
+def test_a_player_and_a_dropped_mug_survive_a_restart(tmp_path: Path) -> None:
+    config = write_config(tmp_path, PLAYERS)
+
+    async def first_visit(address) -> tuple[dict, dict]:
+        async with await client.connect(*address, "ada", "lovelace") as player:
+            await player.send("move", dx=1.0, dy=0.0)
+            async for view in player.views():
+                if view.tick >= player.welcome.tick + 15:
+                    break
+            await player.send("drop")
+            await player.send("move", dx=0.0, dy=0.0)
+            async for _view in player.views():
+                mugs = [
+                    e
+                    for e in player.world.values()
+                    if e["kind"] == "mug" and e["dropped_by"] == player.entity
+                ]
+                me = player.world[player.entity]
+                if mugs and me["vx"] == 0.0:
+                    return me, mugs[0]
+        raise AssertionError("no mug")
+
+    daemon = start_daemon(config, "--rate", "30", "--seed", "7")
+    try:
+        me, mug = trio.run(first_visit, gateway_of(config))
+        time.sleep(0.5)  # at least one persist tick after the mug fell
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        daemon.kill()
+
+    async def second_visit(address) -> tuple[dict, dict | None]:
+        async with await client.connect(*address, "ada", "lovelace") as player:
+            async for _view in player.views():
+                return player.world[player.entity], player.world.get(mug["id"])
+        raise AssertionError("no view")
+
+    daemon = start_daemon(config, "--rate", "30")
+    try:
+        me_again, mug_again = trio.run(second_visit, gateway_of(config))
+        with pytest.raises(client.ServerError, match="auth"):
+            trio.run(client.connect, *gateway_of(config), "ada", "babbage")
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+    assert me_again["id"] == me["id"] and me_again["name"] == "ada"
+    assert (me_again["x"], me_again["y"]) == (me["x"], me["y"])  # where she left
+    assert mug_again == mug  # the mug, exactly as it fell
+
+
+def test_a_bot_crossing_workers_that_get_killed_sees_every_tick(tmp_path: Path) -> None:
+    config = write_config(tmp_path, PLAYERS)
+    daemon = start_daemon(config, "--rate", "30", "--seed", "7", "--workers", "4")
+    try:
+        address = gateway_of(config)
+        ticks: list[int] = []
+        missing: list[int] = []
+        owners: set[int] = set()
+
+        async def cross() -> None:
+            async with await client.connect(*address, "walker", "w") as player:
+                east = True
+                async with trio.open_nursery() as nursery:
+
+                    async def killer() -> None:
+                        for _ in range(4):
+                            await trio.sleep(1.5)
+                            workers = await trio.to_thread.run_sync(
+                                meshd_json, "inspect", "workers", "--config", str(config)
+                            )
+                            os.kill(workers[len(ticks) % len(workers)]["pid"], signal.SIGKILL)
+                        await trio.sleep(1.5)
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(killer)
+                    async for view in player.views():
+                        ticks.append(view.tick)
+                        me = player.world.get(player.entity)
+                        if me is None:
+                            missing.append(view.tick)
+                            continue
+                        owners.add(int(me["x"] // 40))  # which 4-worker strip it is in
+                        if (east and me["x"] > 95) or (not east and me["x"] < 65):
+                            east = not east
+                        if view.tick % 5 == 0:
+                            await player.send("move", dx=1.0 if east else -1.0, dy=0.0)
+
+        trio.run(cross)
+        status = _status(config)
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+    assert status["failovers"] >= 4
+    assert len(ticks) > 100 and ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+    assert missing == []
+    assert owners == {1, 2}  # back and forth across the boundary of workers 1 and 2
+
+
+def test_bots_command_reports_everyone_connected(tmp_path: Path) -> None:
+    config = write_config(tmp_path, PLAYERS)
+    daemon = start_daemon(config, "--rate", "20")
+    try:
+        host, port = gateway_of(config)
+        result = meshd(
+            "bots",
+            "--connect",
+            f"{host}:{port}",
+            "--count",
+            "30",
+            "--duration",
+            "3",
+            "--scenario",
+            "rush",
+            "--json",
+        )
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+    summary = json.loads(result.stdout)
+    assert summary["connected"] == 30 and summary["disconnects"] == 0
+    assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
+    assert summary["updates_per_s"] > 15

@@ -9,6 +9,7 @@ worker processes. It also checks that all three end in the same world.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import multiprocessing
 import os
@@ -16,6 +17,8 @@ import platform
 import random
 import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -257,7 +260,7 @@ def _rush_config(
         search_default=False,
         environ={},
         overrides={
-            "world.size": 200.0 * math.sqrt(max(npcs, 1) / 1200.0),
+            "world.size": 200.0 * math.sqrt(max(npcs, 1) / 1000.0),
             "world.seed": 7,
             "tick.rate": rate,
             "mesh.mode": mode,
@@ -284,7 +287,7 @@ def _rush_config(
 
 
 def bench_rush(
-    npcs: int = 1200,
+    npcs: int = 1000,
     day_ticks: int = 2400,
     rate: float = 20.0,
     max_workers: int | None = None,
@@ -342,3 +345,139 @@ def bench_rush(
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of running processes (Linux ``/proc``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def bench_players(players: int = 1000, seconds: float = 30.0, rate: float = 20.0) -> dict[str, Any]:
+    """``players`` bot connections from a separate process against a separate server.
+
+    The load shape of the common one-room benchmark: a view update every
+    tick, a move input from every bot ten times a second, half the bots
+    wandering over a 1,000 m square, half crowding a 25 m tavern at its centre.
+    """
+    from meshd import _admin
+
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+        config = Path(tmp) / "players.toml"
+        config.write_text(
+            "\n".join(
+                [
+                    "[world]",
+                    "size = 1000.0",
+                    "seed = 7",
+                    "[tick]",
+                    f"rate = {rate}",
+                    "[data]",
+                    f'dir = "{tmp}/data"',
+                    "[gateway]",
+                    'listen = "127.0.0.1:0"',
+                    f"max_clients = {players + 100}",
+                    "hash_cost = 10",
+                    "[log]",
+                    'level = "warning"',
+                    "[plugins]",
+                    'load = ["tavern"]',
+                    f'dirs = ["{REPO_PLUGINS}"]',
+                    "[plugins.tavern]",
+                    "npcs = 0",
+                    "",
+                ]
+            )
+        )
+        server = subprocess.Popen(
+            [sys.executable, "-m", "meshd", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        socket_path = Path(tmp) / "data" / "meshd.sock"
+        try:
+            status = _wait_for_gateway(socket_path)
+            address = status["gateway"]["address"]
+            bots = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "meshd",
+                    "bots",
+                    "--connect",
+                    address,
+                    "--count",
+                    str(players),
+                    "--duration",
+                    str(seconds),
+                    "--scenario",
+                    "crowd",
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            # Measure the server while every bot is connected and playing.
+            while (
+                _admin.request(socket_path, _admin.AdminRequest("status"))["gateway"]["players"]
+                < players
+                and bots.poll() is None
+            ):
+                time.sleep(0.2)
+            pids = [server.pid] + [
+                w["pid"] for w in _admin.request(socket_path, _admin.AdminRequest("workers"))
+            ]
+            before = _admin.request(socket_path, _admin.AdminRequest("status"))
+            cpu_before, started = _cpu_seconds(pids), time.monotonic()
+            time.sleep(seconds * 0.8)
+            after = _admin.request(socket_path, _admin.AdminRequest("status"))
+            cpu_after, elapsed = _cpu_seconds(pids), time.monotonic() - started
+            summary = json.loads(bots.communicate(timeout=seconds * 4 + 600)[0])
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    ticks = after["tick"] - before["tick"]
+    sent = after["gateway"]["bytes_sent"] - before["gateway"]["bytes_sent"]
+    return {
+        "players": players,
+        "connected": summary["connected"],
+        "disconnects": summary["disconnects"],
+        "rate_hz": rate,
+        "measured_rate_hz": round(ticks / elapsed, 2),
+        "tick_ms": after["tick_ms"],
+        "updates_per_s": summary["updates_per_s"],
+        "updates_per_s_min": summary["updates_per_s_min"],
+        "tick_gaps": summary["tick_gaps"],
+        "rtt_ms": summary["rtt_ms"],
+        "server_cpu": {
+            "cores": round((cpu_after - cpu_before) / elapsed, 2),
+            "processes": len(pids),
+        },
+        "bytes_per_client_s": round(sent / max(summary["connected"], 1) / elapsed),
+        "connect_s": summary["connect_s"],
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def _wait_for_gateway(socket_path: Path, timeout: float = 60.0) -> dict[str, Any]:
+    from meshd import _admin
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = _admin.request(socket_path, _admin.AdminRequest("status"), timeout=5)
+            if status["gateway"] and status["gateway"]["address"]:
+                return status
+        except _admin.AdminError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not start its gateway")

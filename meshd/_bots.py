@@ -8,11 +8,13 @@ updates that lacked the bot's own entity, and round-trip times.
 
 Scenarios (positions are shares of the world size):
 
-- ``wander``: a new random heading every two seconds;
+- ``wander``: walk straight on, a new random heading every ten seconds or so;
 - ``rush``: everyone heads for the target (default the tavern of the
   example world) for the first half of the run, then scatters;
 - ``cross``: walk east and west across the middle of the world, crossing
-  partition boundaries again and again.
+  partition boundaries again and again;
+- ``crowd``: half the bots wander, the other half stay within 25 m of the
+  target (the load shape of the common one-room benchmark).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import trio
 
 from meshd.client import ConnectionLost, Player, ServerError, connect
 
-SCENARIOS = ("wander", "rush", "cross")
+SCENARIOS = ("wander", "rush", "cross", "crowd")
+TURN_EVERY = 10.0
+"""Seconds a wandering bot keeps its heading, on average."""
+CROWD_RADIUS = 25.0
 MOVE_EVERY = 0.1
 PING_EVERY = 1.0
 
@@ -58,10 +63,19 @@ def _heading(
     size = player.welcome.world_size
     if me is None:
         return 0.0, 0.0
+    if scenario == "crowd":
+        if player.entity % 2:
+            scenario = "wander"
+        else:
+            tx, ty = target[0] * size - me["x"], target[1] * size - me["y"]
+            if math.hypot(tx, ty) > CROWD_RADIUS * 0.8:
+                return tx, ty
+            scenario = "wander"
     if scenario == "wander":
-        angle = rng.uniform(0, math.tau) if rng.random() < MOVE_EVERY / 2 else None
-        if angle is None:
-            return me.get("vx", 0.0), me.get("vy", 0.0)
+        moving = me.get("vx", 0.0) or me.get("vy", 0.0)
+        if moving and rng.random() >= MOVE_EVERY / TURN_EVERY:
+            return me["vx"], me["vy"]
+        angle = rng.uniform(0, math.tau)
         return math.cos(angle), math.sin(angle)
     if scenario == "rush":
         tx, ty = target[0] * size, target[1] * size

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import attrs
+import cbor2
 import trio
 
 from meshd._config import GatewayConfig
@@ -39,10 +40,10 @@ from meshd._protocol import (
     Login,
     Ping,
     Pong,
-    View,
     Welcome,
     decode_client,
     encode,
+    encode_view,
 )
 from meshd._replication import Replication
 from meshd._sim import WorldBuilder
@@ -157,6 +158,7 @@ class Gateway:
         """Connections refused before or at login, by error code."""
         self.kicked: dict[str, int] = {}
         """Players disconnected by the server, by error code."""
+        self.bytes_sent = 0
         self.address = ""
         self._claiming: set[str] = set()
         self._hashing = trio.CapacityLimiter(1)
@@ -320,16 +322,16 @@ class Gateway:
                 return
             except EOFError:
                 return
+            now = time.monotonic()
+            client.tokens = min(
+                config.input_burst, client.tokens + (now - client.refilled) * config.input_rate
+            )
+            client.refilled = now
+            if client.tokens < 1:
+                client.close(Error("flood", f"more than {config.input_rate:g} messages/s"))
+                return
+            client.tokens -= 1
             if isinstance(message, Input):
-                now = time.monotonic()
-                client.tokens = min(
-                    config.input_burst, client.tokens + (now - client.refilled) * config.input_rate
-                )
-                client.refilled = now
-                if client.tokens < 1:
-                    client.close(Error("flood", f"more than {config.input_rate:g} inputs/s"))
-                    return
-                client.tokens -= 1
                 if not self.plugins.accepts(message.action) or message.action in (JOIN, LEAVE):
                     client.offer(frame(encode(Error("bad_input", f"no action {message.action!r}"))))
                     continue
@@ -341,8 +343,8 @@ class Gateway:
                 client.close(Error("already_logged_in", "log in once per connection"))
                 return
 
-    @staticmethod
     async def _writer(
+        self,
         stream: trio.SocketStream,
         frames: trio.MemoryReceiveChannel[bytes],
         client: Client,
@@ -351,6 +353,7 @@ class Gateway:
         try:
             async for data in frames:
                 await stream.send_all(data)
+                self.bytes_sent += len(data)
             if client.error is not None:
                 await stream.send_all(frame(encode(client.error)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -411,13 +414,15 @@ class Gateway:
         if tick % config.view_every:
             return
         codecs = self.plugins.codecs
-        items: dict[int, list[Any]] = {}
+        items: dict[int, bytes] = {}
 
-        def item(record: list[Any]) -> list[Any]:
+        def item(record: list[Any]) -> bytes:
             found = items.get(record[0])
             if found is None:
                 entity_id, kind, x, y, z, state = record
-                found = items[entity_id] = [entity_id, kind, x, y, z, codecs[kind].to_dict(state)]
+                found = items[entity_id] = cbor2.dumps(
+                    [entity_id, kind, x, y, z, codecs[kind].to_dict(state)]
+                )
             return found
 
         for client in present:
@@ -430,7 +435,7 @@ class Gateway:
                 config.view_max,
             )
             enter, update, leave = update_view(client.viewer, ids, records, item)
-            client.offer(frame(encode(View(tick, client.acked, enter, update, leave))))
+            client.offer(frame(encode_view(tick, client.acked, enter, update, leave)))
 
     def take_claims(self) -> list[tuple[str, bytes, bytes, int]]:
         claims, self.new_claims = self.new_claims, []
@@ -443,6 +448,7 @@ class Gateway:
             "connections": self.connections,
             "refused": dict(self.refused),
             "kicked": dict(self.kicked),
+            "bytes_sent": self.bytes_sent,
         }
 
 

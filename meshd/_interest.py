@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
-Item = list[Any]
-"""``[id, kind, x, y, z, state]`` with ``state`` a map of field names."""
+Item = TypeVar("Item")
+"""How the caller renders an entity for the wire (its pre-encoded bytes, say)."""
 
 
 @attrs.define(eq=False)

@@ -20,6 +20,9 @@ import attrs
 
 from meshd._layout import Layout, leaf_rect
 
+DRAIN_COOLDOWN = 3
+"""Stopping a worker waits this many cool-downs after the last start or stop."""
+
 
 @attrs.frozen
 class PlannerSettings:
@@ -45,8 +48,8 @@ class PlannerSettings:
     """...stop one when the others would carry the load under this share."""
     imbalance_share: float = 0.2
     max_moves: int = 4
-    smoothing: float = 0.2
-    """Weight of a new sample in the moving average."""
+    smoothing: float = 0.1
+    """Weight of a new sample in the moving average (about a second at 20 Hz)."""
 
 
 @attrs.frozen
@@ -158,9 +161,9 @@ class Planner:
         loads = self.loads(owners)
         workers = len(loads)
         total = sum(loads.values())
-        cooled = tick - self.scaled_at >= s.cooldown_ticks
+        since = tick - self.scaled_at
         if (
-            cooled
+            since >= s.cooldown_ticks
             and can_start
             and workers < s.max_workers
             and total / workers > s.scale_up * s.budget_ms
@@ -170,7 +173,7 @@ class Planner:
             loads[new] = 0.0
             plan.started.append(new)
         elif (
-            cooled
+            since >= DRAIN_COOLDOWN * s.cooldown_ticks  # a crowd often pauses: stop slowly
             and workers > s.min_workers
             and total / (workers - 1) < s.scale_down * s.budget_ms
         ):

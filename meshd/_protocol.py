@@ -9,9 +9,12 @@ executable form. Everything wrong with received bytes raises
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import cbor2
 
 from meshd._messages import Bulk
 from meshd._wire import WireError, decode_message, encode_message
@@ -128,3 +131,48 @@ def decode_server(body: bytes) -> Welcome | View | Pong | Error:
 
 def encode(message: Any) -> bytes:
     return encode_message(message)
+
+
+def _array_header(length: int) -> bytes:
+    """The CBOR head of an array of ``length`` items (major type 4)."""
+    if length < 24:
+        return bytes((0x80 + length,))
+    if length < 0x100:
+        return bytes((0x98, length))
+    if length < 0x10000:
+        return b"\x99" + struct.pack(">H", length)
+    return b"\x9a" + struct.pack(">I", length)
+
+
+_VIEW_KEYS = {name: cbor2.dumps(name) for name in ("tick", "ack", "enter", "update", "leave")}
+_VIEW_TYPE = cbor2.dumps("type") + cbor2.dumps("View")
+
+
+def encode_view(
+    tick: int, ack: int, enter: Sequence[bytes], update: Sequence[bytes], leave: list[int]
+) -> bytes:
+    """The body of ``View(tick, ack, enter, update, leave)`` from pre-encoded entity items.
+
+    Each entity changed this tick is encoded once (``cbor2.dumps(item)``)
+    and its bytes spliced into every view that shows it: byte for byte what
+    :func:`encode` gives for the same view, at a fraction of the cost.
+    """
+    keys = _VIEW_KEYS
+    return b"".join(
+        (
+            b"\xa6",
+            keys["tick"],
+            cbor2.dumps(tick),
+            keys["ack"],
+            cbor2.dumps(ack),
+            keys["enter"],
+            _array_header(len(enter)),
+            *enter,
+            keys["update"],
+            _array_header(len(update)),
+            *update,
+            keys["leave"],
+            cbor2.dumps(leave),
+            _VIEW_TYPE,
+        )
+    )

@@ -276,14 +276,16 @@ def inspect_world(
 
 @app.command("bench")
 def bench_command(
-    scenario: Annotated[str, typer.Argument(help="Scenario: sim, failover or rush.")],
+    scenario: Annotated[str, typer.Argument(help="Scenario: sim, failover, rush or players.")],
     as_json: JsonOption = False,
     npcs: Annotated[
-        int | None, typer.Option(help="Tavern NPCs [default: 10,000; rush: 1,200].")
+        int | None, typer.Option(help="Tavern NPCs [default: 10,000; rush: 1,000].")
     ] = None,
     ticks: Annotated[int, typer.Option(help="sim: ticks per run.")] = 200,
     repeat: Annotated[int, typer.Option(min=1, help="sim: runs per variant (medians).")] = 1,
-    seconds: Annotated[float, typer.Option(help="failover: seconds of ticks per run.")] = 20.0,
+    seconds: Annotated[
+        float, typer.Option(help="failover, players: seconds of ticks per run.")
+    ] = 20.0,
     rate: Annotated[float, typer.Option(help="failover: tick rate.")] = 20.0,
     checkpoint_every: Annotated[
         int, typer.Option(min=1, help="failover: ticks between full-state checkpoints.")
@@ -295,6 +297,7 @@ def bench_command(
     plot: Annotated[
         Path | None, typer.Option(help="rush: write workers and tick times to this PNG.")
     ] = None,
+    players: Annotated[int, typer.Option(min=1, help="players: bot connections.")] = 1000,
 ) -> None:
     """Run a benchmark scenario end to end and print its measured figures."""
     from meshd import _bench
@@ -308,10 +311,12 @@ def bench_command(
         )
     elif scenario == "rush":
         result = _bench.bench_rush(
-            npcs=npcs or 1200, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
+            npcs=npcs or 1000, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
         )
+    elif scenario == "players":
+        result = _bench.bench_players(players=players, seconds=seconds, rate=rate)
     else:
-        raise _fail(f"unknown scenario {scenario!r}; available: sim, failover, rush", 2)
+        raise _fail(f"unknown scenario {scenario!r}; available: sim, failover, rush, players", 2)
     _print_json(result) if as_json else _pairs(result, f"bench {scenario}")
 
 

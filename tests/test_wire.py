@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd._messages import Fatal, Hello, Init, Reply, Step, WorldParams
+from meshd._protocol import View, encode_view
 from meshd._wire import (
     FrameDecoder,
     WireError,
@@ -187,3 +188,18 @@ def test_plugin_values_that_pass_the_check_cross_the_wire(value) -> None:
 def test_plugin_values_that_cannot_cross_are_named(value, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         check_wire_value(value)
+
+
+@given(
+    tick=st.integers(0, 2**40),
+    ack=st.integers(0, 2**40),
+    enter=records,
+    update=records,
+    leave=st.lists(st.integers(1, 2**40), max_size=300),
+)
+def test_spliced_views_are_byte_identical_to_encoded_ones(tick, ack, enter, update, leave):
+    items = [[*r[:5], {"v": r[5]}] for r in enter], [[*r[:5], {"v": r[5]}] for r in update]
+    spliced = encode_view(
+        tick, ack, [cbor2.dumps(i) for i in items[0]], [cbor2.dumps(i) for i in items[1]], leave
+    )
+    assert spliced == encode_message(View(tick, ack, items[0], items[1], leave))

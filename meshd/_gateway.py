@@ -28,7 +28,7 @@ import cbor2
 import trio
 
 from meshd._config import GatewayConfig
-from meshd._interest import Viewer, update_view, visible, watch_cells
+from meshd._interest import Viewer, nearest, update_view, watch_cells
 from meshd._logging import get_logger
 from meshd._messages import WorldParams
 from meshd._plugin import INPUT_PREFIX, JOIN, LEAVE, PluginSet
@@ -425,15 +425,15 @@ class Gateway:
                 )
             return found
 
-        for client in present:
-            ids = visible(
-                records[client.entity],
-                records,
-                repl.cells,
-                repl.cell_size,
-                config.view_radius,
-                config.view_max,
-            )
+        cells = repl.cells
+        watched = [records[i] for cx, cy in repl.watch for i in cells.get((cx, cy), ())]
+        views = nearest(
+            [records[client.entity] for client in present],
+            watched,
+            config.view_radius,
+            config.view_max,
+        )
+        for client, ids in zip(present, views, strict=True):
             enter, update, leave = update_view(client.viewer, ids, records, item)
             client.offer(frame(encode_view(tick, client.acked, enter, update, leave)))
 

@@ -3,7 +3,8 @@
 The core keeps its records in square cells (``Replication.cells``). Around
 every player it *watches* the cells within the view radius plus one ring
 (workers report every change there on the tick it happens), so the records
-a view is built from are exact. A :class:`Viewer` remembers which record of
+a view is built from are exact; :func:`nearest` picks each player's view
+from the records in watched cells. A :class:`Viewer` remembers which record of
 each entity it last sent; a view update is then ``enter`` (new in view, full
 item), ``update`` (in view, record changed) and ``leave`` (ids gone).
 """
@@ -11,10 +12,12 @@ item), ``update`` (in view, record changed) and ``leave`` (ids gone).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
+import numpy as np
+from scipy.spatial import cKDTree
 
 Item = TypeVar("Item")
 """How the caller renders an entity for the wire (its pre-encoded bytes, say)."""
@@ -43,29 +46,37 @@ def watch_cells(
     return [list(c) for c in sorted(cells)]
 
 
-def visible(
-    me: list[Any],
-    records: Mapping[int, list[Any]],
-    cells: Mapping[tuple[int, int], set[int]],
-    cell: float,
-    radius: float,
-    cap: int,
-) -> list[int]:
-    """Ids within ``radius`` of record ``me``, nearest first (``me`` first), at most ``cap``."""
-    x, y = me[2], me[3]
-    reach = math.ceil(radius / cell)
-    cx, cy = int(x // cell), int(y // cell)
-    r2 = radius * radius
-    found = []
-    for gx in range(cx - reach, cx + reach + 1):
-        for gy in range(cy - reach, cy + reach + 1):
-            for entity_id in cells.get((gx, gy), ()):
-                record = records[entity_id]
-                d2 = (record[2] - x) ** 2 + (record[3] - y) ** 2
-                if d2 <= r2:
-                    found.append((d2, entity_id != me[0], entity_id))
-    found.sort()
-    return [entity_id for _d2, _not_me, entity_id in found[:cap]]
+def nearest(
+    centres: Sequence[list[Any]], candidates: Sequence[list[Any]], radius: float, cap: int
+) -> list[list[int]]:
+    """For each centre record, the ids of candidate records within ``radius``.
+
+    Nearest first (the centre's own id first), at most ``cap``. One k-d tree
+    over the candidates answers every centre in one vectorised query, so a
+    crowd of players costs C loops, not Python ones.
+    """
+    if not candidates:
+        return [[centre[0]] for centre in centres]
+    ids = np.fromiter((record[0] for record in candidates), dtype=np.int64, count=len(candidates))
+    points = np.array([(record[2], record[3]) for record in candidates], dtype=np.float64)
+    k = min(cap, len(candidates))
+    distances, found = cKDTree(points).query(
+        np.array([(centre[2], centre[3]) for centre in centres], dtype=np.float64),
+        k=k,
+        distance_upper_bound=radius,
+    )
+    if k == 1:
+        distances, found = distances[:, None], found[:, None]
+    views = []
+    for centre, row_distances, row in zip(centres, distances, found, strict=True):
+        view = ids[row[np.isfinite(row_distances)]].tolist()
+        own = centre[0]
+        if not view or view[0] != own:
+            if own in view:
+                view.remove(own)
+            view = [own, *view][:cap]
+        views.append(view)
+    return views
 
 
 def update_view(

@@ -290,7 +290,11 @@ async def _tick_loop(
             core.gateway.after_tick(tick)
         if core.planner is not None:
             for reply in replies.values():
-                core.planner.observe(reply.cost_ms)
+                # Leaves are timed around their entities' systems only; spread the
+                # rest of the step (inbound, views, reply) over them pro rata.
+                measured = sum(reply.cost_ms.values())
+                scale = reply.cpu_ms / measured if measured > 0 else 1.0
+                core.planner.observe({leaf: ms * scale for leaf, ms in reply.cost_ms.items()})
         for failover in reversed(core.failover_log):
             if failover.committed_at is not None:
                 break

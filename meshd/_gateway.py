@@ -182,8 +182,9 @@ class Gateway:
         try:
             async with stream:
                 await self._connection(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except Exception:
+            # Whatever one connection does, it ends that connection only.
+            self._log.exception("player connection failed")
         finally:
             self.connections -= 1
 
@@ -223,7 +224,10 @@ class Gateway:
             body = next(decoder.frames(), None)
             if body is not None:
                 return decode_client(body)
-            data = await stream.receive_some(1 << 16)
+            try:
+                data = await stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise EOFError from None  # reset by the peer: the same as hanging up
             if not data:
                 raise EOFError
             decoder.feed(data)
@@ -415,6 +419,7 @@ class Gateway:
             return
         codecs = self.plugins.codecs
         items: dict[int, bytes] = {}
+        positions: dict[int, bytes] = {}
 
         def item(record: list[Any]) -> bytes:
             found = items.get(record[0])
@@ -423,6 +428,12 @@ class Gateway:
                 found = items[entity_id] = cbor2.dumps(
                     [entity_id, kind, x, y, z, codecs[kind].to_dict(state)]
                 )
+            return found
+
+        def moved(record: list[Any]) -> bytes:
+            found = positions.get(record[0])
+            if found is None:
+                found = positions[record[0]] = cbor2.dumps([record[0], *record[2:5]])
             return found
 
         cells = repl.cells
@@ -434,7 +445,7 @@ class Gateway:
             config.view_max,
         )
         for client, ids in zip(present, views, strict=True):
-            enter, update, leave = update_view(client.viewer, ids, records, item)
+            enter, update, leave = update_view(client.viewer, ids, records, item, moved)
             client.offer(frame(encode_view(tick, client.acked, enter, update, leave)))
 
     def take_claims(self) -> list[tuple[str, bytes, bytes, int]]:

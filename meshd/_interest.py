@@ -6,7 +6,8 @@ every player it *watches* the cells within the view radius plus one ring
 a view is built from are exact; :func:`nearest` picks each player's view
 from the records in watched cells. A :class:`Viewer` remembers which record of
 each entity it last sent; a view update is then ``enter`` (new in view, full
-item), ``update`` (in view, record changed) and ``leave`` (ids gone).
+item), ``update`` (in view, record changed: just the position when the
+state is the same) and ``leave`` (ids gone).
 """
 
 from __future__ import annotations
@@ -84,8 +85,14 @@ def update_view(
     ids: list[int],
     records: Mapping[int, list[Any]],
     item: Callable[[list[Any]], Item],
+    moved: Callable[[list[Any]], Item],
 ) -> tuple[list[Item], list[Item], list[int]]:
-    """(enter, update, leave) for ``viewer`` now seeing ``ids``; remembers what it sent."""
+    """(enter, update, leave) for ``viewer`` now seeing ``ids``; remembers what it sent.
+
+    An entity whose state is unchanged since it was last sent and that only
+    moved is sent as ``moved(record)`` (its position alone), otherwise as
+    ``item(record)``.
+    """
     sent = viewer.sent
     enter, update = [], []
     now = {}
@@ -96,7 +103,7 @@ def update_view(
         if last is None:
             enter.append(item(record))
         elif last is not record:
-            update.append(item(record))
+            update.append(moved(record) if last[5] == record[5] else item(record))
     leave = [entity_id for entity_id in sent if entity_id not in now]
     viewer.sent = now
     return enter, update, leave

@@ -78,8 +78,9 @@ class View:
     """What changed in the player's view at ``tick``.
 
     ``enter``: ``[id, kind, x, y, z, state]`` with ``state`` a map of field
-    names; ``update``: the same for entities already in view that changed;
-    ``leave``: ids that left the view. ``ack`` is the last input ``seq``
+    names; ``update``: the same for entities already in view whose state
+    changed, or ``[id, x, y, z]`` for those that only moved; ``leave``: ids
+    that left the view. ``ack`` is the last input ``seq``
     applied by this tick.
     """
 

@@ -99,7 +99,14 @@ class Player:
         self.tick = view.tick
         for entity_id in view.leave:
             self.world.pop(entity_id, None)
-        for entity_id, kind, x, y, z, state in [*view.enter, *view.update]:
+        for item in [*view.enter, *view.update]:
+            if len(item) == 4:  # moved, state unchanged
+                entity_id, x, y, z = item
+                known = self.world.get(entity_id)
+                if known is not None:
+                    known.update(x=x, y=y, z=z)
+                continue
+            entity_id, kind, x, y, z, state = item
             self.world[entity_id] = {"id": entity_id, "kind": kind, "x": x, "y": y, "z": z, **state}
 
 

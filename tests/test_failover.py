@@ -142,7 +142,7 @@ def _worker_pids(config: Path) -> dict[int, int]:
 
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_a_killed_or_hung_worker_process_changes_nothing(tmp_path: Path, how: str) -> None:
-    ticks = 160
+    ticks = 250
     expected = _straight_hash(tmp_path / "straight", ticks)
     folder = tmp_path / "faulty"
     folder.mkdir()

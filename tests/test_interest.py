@@ -36,10 +36,15 @@ def test_watched_cells_cover_the_view_and_a_ring() -> None:
 
 
 def test_views_send_only_what_changed() -> None:
-    a, b, c = [1, "k", 0.0, 0.0, 0.0, ()], [2, "k", 1.0, 0.0, 0.0, ()], [3, "k", 2.0, 0.0, 0.0, ()]
+    a, b, c = [1, "k", 0.0, 0.0, 0.0, (1,)], [2, "k", 1.0, 0.0, 0.0, (1,)], [3, "k", 2.0, 0, 0, ()]
     records = {1: a, 2: b, 3: c}
     viewer = Viewer(1)
-    assert update_view(viewer, [1, 2], records, lambda r: r[0]) == ([1, 2], [], [])
-    records[2] = [2, "k", 1.5, 0.0, 0.0, ()]  # moved: a new record
-    assert update_view(viewer, [1, 2, 3], records, lambda r: r[0]) == ([3], [2], [])
-    assert update_view(viewer, [1], records, lambda r: r[0]) == ([], [], [2, 3])
+
+    def view(ids):
+        return update_view(viewer, ids, records, lambda r: ("full", r[0]), lambda r: ("at", r[0]))
+
+    assert view([1, 2]) == ([("full", 1), ("full", 2)], [], [])
+    records[2] = [2, "k", 1.5, 0.0, 0.0, (1,)]  # moved only: its position
+    records[1] = [1, "k", 0.0, 0.0, 0.0, (2,)]  # new state: everything
+    assert view([1, 2, 3]) == ([("full", 3)], [("full", 1), ("at", 2)], [])
+    assert view([1]) == ([], [], [2, 3])

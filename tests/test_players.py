@@ -148,6 +148,14 @@ def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
             flood = LOGIN + frame(encode(Input(seq=1, action="move"))) * 500
             replies = frames_of(await trio.to_thread.run_sync(raw_exchange, address, flood))
             assert replies[0]["type"] == "Welcome" and replies[-1]["code"] == "flood"
+            # resetting the connection (RST) right after logging in
+            for _ in range(3):
+                reset = trio.socket.socket()
+                await reset.connect(address)
+                await reset.send(frame(encode(Login(version=1, name="rst", secret="r"))))
+                await trio.sleep(0.3)
+                reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset.close()
             # never reading: views pile up until the server drops us
             idle = trio.socket.socket()
             idle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

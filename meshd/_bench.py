@@ -95,27 +95,37 @@ def _bare_run(npcs: int, ticks: int) -> tuple[float, int, str]:
     return bare_loop(load_plugin_set(config), world_params(config), ticks)
 
 
-def _sim_config(
-    npcs: int, workers: int, data_dir: Path, rate: float = 0.0, checkpoint_every: int = 10
-) -> Config:
-    """The tavern at constant density (2,000 NPCs per 400 m square), as fast as possible."""
+def _tavern_config(data_dir: Path, **overrides: Any) -> Config:
+    """The tavern with seed 7, quiet logs and no gateway; ``overrides`` are dotted keys."""
     return load_config(
         None,
         search_default=False,
         environ={},
         overrides={
-            "world.size": 400.0 * math.sqrt(max(npcs, 1) / 2000.0),
             "world.seed": 7,
-            "tick.rate": rate,
-            "tick.checkpoint_every": checkpoint_every,
             "supervise.max_restarts": 1_000_000,
-            "mesh.mode": "static",
-            "mesh.workers": workers,
             "data.dir": str(data_dir),
             "gateway.listen": "",
             "log.level": "warning",
             "plugins.load": ["tavern"],
             "plugins.dirs": [str(REPO_PLUGINS)],
+            **overrides,
+        },
+    )
+
+
+def _sim_config(
+    npcs: int, workers: int, data_dir: Path, rate: float = 0.0, checkpoint_every: int = 10
+) -> Config:
+    """The tavern at constant density (2,000 NPCs per 400 m square), as fast as possible."""
+    return _tavern_config(
+        data_dir,
+        **{
+            "world.size": 400.0 * math.sqrt(max(npcs, 1) / 2000.0),
+            "tick.rate": rate,
+            "tick.checkpoint_every": checkpoint_every,
+            "mesh.mode": "static",
+            "mesh.workers": workers,
             "plugins.tavern": {"npcs": npcs},
         },
     )
@@ -255,22 +265,14 @@ def _rush_config(
     npcs: int, data_dir: Path, rate: float, mode: str, max_workers: int, day_ticks: int
 ) -> Config:
     """A tavern day: night, a busy noon with a rush into an off-centre tavern, night again."""
-    return load_config(
-        None,
-        search_default=False,
-        environ={},
-        overrides={
+    return _tavern_config(
+        data_dir,
+        **{
             "world.size": 200.0 * math.sqrt(max(npcs, 1) / 1000.0),
-            "world.seed": 7,
             "tick.rate": rate,
             "mesh.mode": mode,
             "mesh.workers": max_workers,
             "mesh.max_workers": max_workers,
-            "data.dir": str(data_dir),
-            "gateway.listen": "",
-            "log.level": "warning",
-            "plugins.load": ["tavern"],
-            "plugins.dirs": [str(REPO_PLUGINS)],
             "plugins.tavern": {
                 "npcs": npcs,
                 "tavern_x": 0.3,

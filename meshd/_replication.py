@@ -435,17 +435,9 @@ class Replication:
         self.deleted.add(entity_id)
 
     def _route_events(self, events: Iterable[list[Any]]) -> int:
-        """Queue events for their targets' owners; return how many had no target."""
+        """Queue a commit's events for their targets' owners; return how many had no target."""
         self.pending_events = []
-        dropped = 0
-        for event in events:
-            owner = self.owner.get(event[0])
-            if owner is None or owner in self.down:
-                dropped += 1
-                continue
-            self.outboxes[owner].events.append(event)
-            self.pending_events.append(event)
-        return dropped
+        return self.inject(events)
 
     # -- persistence and inspection -------------------------------------
 

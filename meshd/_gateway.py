@@ -372,8 +372,8 @@ class Gateway:
 
     # -- the tick loop's side ---------------------------------------------
 
-    def before_tick(self, tick: int) -> int:
-        """New players' entities and queued inputs into the world; returns inputs dropped."""
+    def before_tick(self, tick: int) -> None:
+        """New players' entities and queued inputs into the world."""
         repl = self.replication
         joins, self.joins = self.joins, []
         plugin = self.plugins.new_player
@@ -399,7 +399,7 @@ class Gateway:
             client = self.clients.get(entity)
             if client is not None and client_seq:
                 client.acked = client_seq
-        return repl.inject(events)
+        repl.inject(events)  # inputs for a player entity that is gone are dropped
 
     def after_tick(self, tick: int) -> None:
         """Watch the cells around players; send every player its view update."""

@@ -132,43 +132,41 @@ def test_replacements_see_ghosts_that_never_change(tmp_path: Path) -> None:
 # -- real processes ---------------------------------------------------------
 
 
-def _straight_hash(folder: Path, ticks: int) -> str:
-    return run_world(folder, TAVERN, "--workers", "3", "--ticks", str(ticks))["hash"]
-
-
 def _worker_pids(config: Path) -> dict[int, int]:
     return {w["id"]: w["pid"] for w in meshd_json("inspect", "workers", "--config", str(config))}
 
 
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_a_killed_or_hung_worker_process_changes_nothing(tmp_path: Path, how: str) -> None:
-    ticks = 250
-    expected = _straight_hash(tmp_path / "straight", ticks)
     folder = tmp_path / "faulty"
     folder.mkdir()
     config = write_config(folder, TAVERN)
-    daemon = start_daemon(
-        config, "--rate", "25", "--seed", "7", "--workers", "3", "--ticks", str(ticks)
-    )
+    # No --ticks: the daemon runs until the checks are done, however slow the machine.
+    daemon = start_daemon(config, "--rate", "25", "--seed", "7", "--workers", "3")
     try:
-        wait_for_status(config, lambda s: s["tick"] >= 30)
+        wait_for_status(config, lambda s: s["tick"] >= 30, daemon=daemon)
         stats = meshd_json("inspect", "stats", "--config", str(config))
         assert stats["mode"] == "static" and stats["plans"] == 0  # --workers: a fixed mesh
         assert stats["peak_workers"] == 3 and stats["leaves"] == 16
         victims = _worker_pids(config)
         os.kill(victims[1], signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        status = wait_for_status(config, lambda s: s["failovers"] >= 1 and s["tick"] >= 80)
+        status = wait_for_status(
+            config, lambda s: s["failovers"] >= 1 and s["tick"] >= 80, daemon=daemon
+        )
         replaced = _worker_pids(config)
         assert replaced[1] != victims[1] and replaced[0] == victims[0]
         assert meshd_json("inspect", "workers", "--config", str(config))[1]["epoch"] == 2
         assert wait_gone([victims[1]]) == []  # a hung worker is killed, not left behind
         assert status["workers"] == 3
+        daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0, daemon.stderr.read()
     finally:
         daemon.kill()
     world = meshd_json("inspect", "world", "--config", str(config), "--hash")
-    assert world["tick"] == ticks
-    assert world["hash"] == expected
+    straight = run_world(
+        tmp_path / "straight", TAVERN, "--workers", "3", "--ticks", str(world["tick"])
+    )
+    assert world == straight
 
 
 def test_kill_9_of_the_core_leaves_a_whole_tick_to_continue_from(tmp_path: Path) -> None:

@@ -405,7 +405,12 @@ class Gateway:
         """Watch the cells around players; send every player its view update."""
         repl = self.replication
         records, config = repl.records, self.config
-        present = [c for c in self.clients.values() if c.entity in records]
+        present = []
+        for client in self.clients.values():
+            if client.entity in records:
+                present.append(client)
+            else:  # a plugin despawned the player's entity; logging in again makes a new one
+                client.close(Error("gone", "your entity left the world; log in again"))
         repl.set_watch(
             watch_cells(
                 ((records[c.entity][2], records[c.entity][3]) for c in present),

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import struct
+import textwrap
 import time
 from pathlib import Path
 
@@ -303,3 +304,54 @@ def test_bots_command_reports_everyone_connected(tmp_path: Path) -> None:
     assert summary["connected"] == 30 and summary["disconnects"] == 0
     assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
     assert summary["updates_per_s"] > 15
+
+
+GHOSTLY = textwrap.dedent(
+    """
+    import attrs
+    from meshd import Kind, Plugin
+
+    @attrs.frozen
+    class Body:
+        pass
+
+    def vanish(me, event, ctx):
+        ctx.despawn()
+
+    def new_player(name, world):
+        world.spawn("body", 10.0, 10.0)
+
+    plugin = Plugin(
+        name="ghostly",
+        kinds={"body": Kind(Body)},
+        new_player=new_player,
+        inputs={"vanish": vanish},
+    )
+    """
+)
+
+
+def test_a_player_whose_entity_vanishes_is_told_and_gets_a_new_one(tmp_path: Path) -> None:
+    (tmp_path / "ghostly.py").write_text(GHOSTLY)
+    config = write_config(
+        tmp_path,
+        {"world": {"size": 50.0}, "plugins": {"load": ["ghostly"], "dirs": [str(tmp_path)]}},
+    )
+    daemon = start_daemon(config, "--rate", "30")
+
+    async def visit(address) -> tuple[int, int]:
+        async with await client.connect(*address, "casper", "boo") as player:
+            first = player.entity
+            await player.send("vanish")
+            with trio.fail_after(10), pytest.raises(client.ServerError, match="gone"):
+                async for _view in player.views():
+                    pass
+        async with await client.connect(*address, "casper", "boo") as player:
+            return first, player.entity
+
+    try:
+        first, second = trio.run(visit, gateway_of(config))
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+    assert second != first

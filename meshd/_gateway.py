@@ -42,7 +42,7 @@ from meshd._protocol import (
     Pong,
     Welcome,
     decode_client,
-    encode,
+    encode_frame,
     encode_view,
 )
 from meshd._replication import Replication
@@ -216,7 +216,7 @@ class Gateway:
     async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
         with trio.move_on_after(1.0):
-            await stream.send_all(frame(encode(Error(code, message))))
+            await stream.send_all(encode_frame(Error(code, message)))
 
     async def _next_message(self, stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
         """The next client message; EOFError when the client hangs up."""
@@ -287,16 +287,14 @@ class Gateway:
         self._player_input(entity, JOIN)
         repl = self.replication
         client.offer(
-            frame(
-                encode(
-                    Welcome(
-                        version=PROTOCOL_VERSION,
-                        player=entity,
-                        tick=repl.tick,
-                        rate=self.rate,
-                        world_size=self.world.size,
-                        view_radius=self.config.view_radius,
-                    )
+            encode_frame(
+                Welcome(
+                    version=PROTOCOL_VERSION,
+                    player=entity,
+                    tick=repl.tick,
+                    rate=self.rate,
+                    world_size=self.world.size,
+                    view_radius=self.config.view_radius,
                 )
             )
         )
@@ -337,12 +335,12 @@ class Gateway:
             client.tokens -= 1
             if isinstance(message, Input):
                 if not self.plugins.accepts(message.action) or message.action in (JOIN, LEAVE):
-                    client.offer(frame(encode(Error("bad_input", f"no action {message.action!r}"))))
+                    client.offer(encode_frame(Error("bad_input", f"no action {message.action!r}")))
                     continue
                 client.last_seq = message.seq
                 self.inputs.append((client.entity, message.action, message.args, message.seq))
             elif isinstance(message, Ping):
-                client.offer(frame(encode(Pong(message.id, self.replication.tick))))
+                client.offer(encode_frame(Pong(message.id, self.replication.tick)))
             else:
                 client.close(Error("already_logged_in", "log in once per connection"))
                 return
@@ -359,7 +357,7 @@ class Gateway:
                 await stream.send_all(data)
                 self.bytes_sent += len(data)
             if client.error is not None:
-                await stream.send_all(frame(encode(client.error)))
+                await stream.send_all(encode_frame(client.error))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -17,7 +17,7 @@ import attrs
 import cbor2
 
 from meshd._messages import Bulk
-from meshd._wire import WireError, decode_message, encode_message
+from meshd._wire import WireError, decode_message, encode_message, frame
 
 PROTOCOL_VERSION = 1
 MAX_CLIENT_FRAME = 16 * 1024
@@ -130,8 +130,9 @@ def decode_server(body: bytes) -> Welcome | View | Pong | Error:
         raise ProtocolError(str(exc)) from None
 
 
-def encode(message: Any) -> bytes:
-    return encode_message(message)
+def encode_frame(message: Any) -> bytes:
+    """One message as a frame, ready to send."""
+    return frame(encode_message(message))
 
 
 def _array_header(length: int) -> bytes:
@@ -156,7 +157,7 @@ def encode_view(
 
     Each entity changed this tick is encoded once (``cbor2.dumps(item)``)
     and its bytes spliced into every view that shows it: byte for byte what
-    :func:`encode` gives for the same view, at a fraction of the cost.
+    :func:`~meshd._wire.encode_message` gives for the same view, at a fraction of the cost.
     """
     keys = _VIEW_KEYS
     return b"".join(

@@ -354,7 +354,6 @@ class WorldBuilder:
         self, plugins: PluginSet, world: WorldParams, *, first_id: int = 1, tick: int = 0
     ) -> None:
         self.size = world.size
-        self.tick = tick
         self.rng = TickRng(seed_for(world.seed, tick, 0 if tick == 0 else first_id))
         self.settings: Any = None
         self.records: list[list[Any]] = []

@@ -29,9 +29,9 @@ from meshd._protocol import (
     View,
     Welcome,
     decode_server,
-    encode,
+    encode_frame,
 )
-from meshd._wire import FrameDecoder, frame
+from meshd._wire import FrameDecoder
 
 SERVER_FRAME_CAP = 16 << 20
 
@@ -73,14 +73,14 @@ class Player:
     async def send(self, action: str, **args: Any) -> int:
         """Send one input; returns its sequence number (echoed as ``View.ack``)."""
         seq = next(self._seq)
-        await self.stream.send_all(frame(encode(Input(seq=seq, action=action, args=args))))
+        await self.stream.send_all(encode_frame(Input(seq=seq, action=action, args=args)))
         return seq
 
     async def ping(self) -> None:
         """Send a ping; its round trip lands in ``rtts`` when the pong arrives."""
         ping_id = next(self._seq)
         self._pings[ping_id] = time.perf_counter()
-        await self.stream.send_all(frame(encode(Ping(id=ping_id))))
+        await self.stream.send_all(encode_frame(Ping(id=ping_id)))
 
     async def views(self) -> AsyncIterator[View]:
         """View updates, applied to ``world`` before each is yielded."""
@@ -132,7 +132,7 @@ async def connect(host: str, port: int, name: str, secret: str) -> Player:
     stream = await trio.open_tcp_stream(host, port)
     try:
         await stream.send_all(
-            frame(encode(Login(version=PROTOCOL_VERSION, name=name, secret=secret)))
+            encode_frame(Login(version=PROTOCOL_VERSION, name=name, secret=secret))
         )
         decoder = FrameDecoder(SERVER_FRAME_CAP)
         welcome = await _receive(stream, decoder)

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd import client
-from meshd._protocol import Input, Login, ProtocolError, decode_client, encode
+from meshd._protocol import Input, Login, ProtocolError, decode_client, encode_frame
 from meshd._wire import frame
 
 PLAYERS = {**TAVERN, "tick": {"persist_every": 5}}
@@ -97,7 +97,7 @@ def frames_of(data: bytes) -> list[dict]:
     return found
 
 
-LOGIN = frame(encode(Login(version=1, name="mallory", secret="pw")))
+LOGIN = encode_frame(Login(version=1, name="mallory", secret="pw"))
 HOSTILE = [
     ("oversized length", struct.pack(">I", 1 << 30) + b"\xa0", "bad_frame"),
     ("tagged CBOR", frame(cbor2.dumps(cbor2.CBORTag(1, 5))), "bad_frame"),
@@ -114,8 +114,8 @@ HOSTILE = [
     ("tuple keys", frame(bytes.fromhex("a18220210a")), "bad_frame"),
     ("wrong types", frame(cbor2.dumps({"type": "Login", "version": "1", "name": 5})), "bad_frame"),
     ("unknown type", frame(cbor2.dumps({"type": "Teleport"})), "bad_frame"),
-    ("input before login", frame(encode(Input(seq=1, action="move"))), "login_first"),
-    ("old version", frame(encode(Login(version=0, name="eve", secret="x"))), "version"),
+    ("input before login", encode_frame(Input(seq=1, action="move")), "login_first"),
+    ("old version", encode_frame(Login(version=0, name="eve", secret="x")), "version"),
 ]
 
 
@@ -146,14 +146,14 @@ def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
             with pytest.raises(client.ServerError, match="auth"):
                 await client.connect(*address, "victim", "wrong")
             # flooding: inputs far above the rate limit
-            flood = LOGIN + frame(encode(Input(seq=1, action="move"))) * 500
+            flood = LOGIN + encode_frame(Input(seq=1, action="move")) * 500
             replies = frames_of(await trio.to_thread.run_sync(raw_exchange, address, flood))
             assert replies[0]["type"] == "Welcome" and replies[-1]["code"] == "flood"
             # resetting the connection (RST) right after logging in
             for _ in range(3):
                 reset = trio.socket.socket()
                 await reset.connect(address)
-                await reset.send(frame(encode(Login(version=1, name="rst", secret="r"))))
+                await reset.send(encode_frame(Login(version=1, name="rst", secret="r")))
                 await trio.sleep(0.3)
                 reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 reset.close()
@@ -161,7 +161,7 @@ def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
             idle = trio.socket.socket()
             idle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await idle.connect(address)
-            await idle.send(frame(encode(Login(version=1, name="sleepy", secret="z"))))
+            await idle.send(encode_frame(Login(version=1, name="sleepy", secret="z")))
             for _ in range(60):
                 status = await trio.to_thread.run_sync(_status, config)
                 if status["gateway"]["kicked"].get("slow"):

@@ -362,12 +362,25 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def bench_players(players: int = 1000, seconds: float = 30.0, rate: float = 20.0) -> dict[str, Any]:
+def _children(pid: int) -> list[int]:
+    """``pid`` and its child processes (the native bots run under ``meshd bots``)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return [pid]
+    return [pid, *map(int, children)]
+
+
+def bench_players(
+    players: int = 1000, seconds: float = 30.0, rate: float = 20.0, engine: str = "native"
+) -> dict[str, Any]:
     """``players`` bot connections from a separate process against a separate server.
 
     The load shape of the common one-room benchmark: a view update every
     tick, a move input from every bot ten times a second, half the bots
     wandering over a 1,000 m square, half crowding a 25 m tavern at its centre.
+    ``engine``: the bots' (``native`` by default, so the bots' own CPU leaves
+    the machine to the server it measures).
     """
     from meshd import _admin
 
@@ -421,6 +434,8 @@ def bench_players(players: int = 1000, seconds: float = 30.0, rate: float = 20.0
                     str(seconds),
                     "--scenario",
                     "crowd",
+                    "--engine",
+                    engine,
                     "--json",
                 ],
                 stdout=subprocess.PIPE,
@@ -434,19 +449,24 @@ def bench_players(players: int = 1000, seconds: float = 30.0, rate: float = 20.0
                 and bots.poll() is None
             ):
                 time.sleep(0.2)
-            pids = [server.pid] + [
+            workers = [
                 w["pid"] for w in _admin.request(socket_path, _admin.AdminRequest("workers"))
             ]
             before = _admin.request(socket_path, _admin.AdminRequest("status"))
-            cpu_before, started = _cpu_seconds(pids), time.monotonic()
+            started = time.monotonic()
+            core_before, workers_before = _cpu_seconds([server.pid]), _cpu_seconds(workers)
+            bots_before = _cpu_seconds(_children(bots.pid))
             time.sleep(seconds * 0.8)
             after = _admin.request(socket_path, _admin.AdminRequest("status"))
-            cpu_after, elapsed = _cpu_seconds(pids), time.monotonic() - started
+            core_after, workers_after = _cpu_seconds([server.pid]), _cpu_seconds(workers)
+            bots_after = _cpu_seconds(_children(bots.pid))
+            elapsed = time.monotonic() - started
             summary = json.loads(bots.communicate(timeout=seconds * 4 + 600)[0])
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
     ticks = after["tick"] - before["tick"]
+    core_cpu, workers_cpu = core_after - core_before, workers_after - workers_before
     sent = after["gateway"]["bytes_sent"] - before["gateway"]["bytes_sent"]
     return {
         "players": players,
@@ -460,9 +480,13 @@ def bench_players(players: int = 1000, seconds: float = 30.0, rate: float = 20.0
         "tick_gaps": summary["tick_gaps"],
         "rtt_ms": summary["rtt_ms"],
         "server_cpu": {
-            "cores": round((cpu_after - cpu_before) / elapsed, 2),
-            "processes": len(pids),
+            "cores": round((core_cpu + workers_cpu) / elapsed, 2),
+            "core": round(core_cpu / elapsed, 2),
+            "workers": round(workers_cpu / elapsed, 2),
+            "processes": 1 + len(workers),
         },
+        "bots_cpu": round((bots_after - bots_before) / elapsed, 2),
+        "engine": engine,
         "bytes_per_client_s": round(sent / max(summary["connected"], 1) / elapsed),
         "connect_s": summary["connect_s"],
         "cpus": os.cpu_count(),

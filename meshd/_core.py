@@ -14,6 +14,7 @@ import signal
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -283,8 +284,13 @@ async def _tick_loop(
         steps = repl.build_steps(tick, checkpoint)
         replies: dict[int, Reply] = {}
         async with trio.open_nursery() as nursery:
+            sent = _StepsSent(set(steps))
             for worker, step in steps.items():
-                nursery.start_soon(_run_step, core, worker, step, replies)
+                nursery.start_soon(_run_step, core, worker, step, replies, sent.sent)
+            if core.gateway is not None:
+                # Views of the last tick while the workers simulate this one.
+                await sent.done.wait()
+                core.gateway.send_views()
         report = repl.commit(tick, list(replies.values()), checkpoint)
         if core.gateway is not None:
             core.gateway.after_tick(tick)
@@ -387,26 +393,51 @@ async def _replan(core: Core, planner: Planner) -> None:
     )
 
 
-async def _exchange(link: WorkerLink, step: Step, deadline: float) -> Reply:
+@attrs.define
+class _StepsSent:
+    """Fires ``done`` once every worker's step is on its way (or its worker has failed)."""
+
+    waiting: set[int]
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.waiting:
+            self.done.set()
+
+    def sent(self, worker: int) -> None:
+        self.waiting.discard(worker)
+        if not self.waiting:
+            self.done.set()
+
+
+async def _exchange(
+    link: WorkerLink, step: Step, deadline: float, sent: Callable[[int], None] | None = None
+) -> Reply:
     step.epoch = link.epoch
     with trio.move_on_after(deadline):
         await link.send(step)
+        if sent is not None:
+            sent(link.worker)
         return await link.receive_reply(step.tick)
     raise WorkerFailed(link.worker, f"missed the {deadline:g} s deadline for tick {step.tick}")
 
 
-async def _run_step(core: Core, worker: int, step: Step, replies: dict[int, Reply]) -> None:
+async def _run_step(
+    core: Core, worker: int, step: Step, replies: dict[int, Reply], sent: Callable[[int], None]
+) -> None:
     """Get ``worker``'s reply to ``step``, replacing the worker as often as it fails.
 
+    ``sent(worker)`` is called when the step is on its way, or has failed.
     When the slot's restart budget is spent, its partitions are quarantined
     (see :meth:`Replication.take_down`) and the tick commits without them.
     """
     link = core.supervisor.links[worker]
     while True:
         try:
-            replies[worker] = await _exchange(link, step, core.step_deadline())
+            replies[worker] = await _exchange(link, step, core.step_deadline(), sent)
             return
         except WorkerFailed as failure:
+            sent(worker)  # a failover takes a while: views need not wait for it
             core.log.warning("worker failed", worker=worker, tick=step.tick, reason=failure.reason)
         try:
             link = await _replace(core, worker, step.tick)

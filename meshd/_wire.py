@@ -161,7 +161,11 @@ def encode_message(message: Any) -> bytes:
 
 def decode_message(body: bytes, accepted: Iterable[type]) -> Any:
     """Decode a frame body into one of the ``accepted`` message classes."""
-    data = decode_cbor(body)
+    return structure_message(decode_cbor(body), accepted)
+
+
+def structure_message(data: Any, accepted: Iterable[type]) -> Any:
+    """A decoded frame body as one of the ``accepted`` message classes (``WireError`` if not)."""
     if not isinstance(data, dict):
         raise WireError("a message must be a CBOR map")
     name = data.pop("type", None)

@@ -298,6 +298,9 @@ def bench_command(
         Path | None, typer.Option(help="rush: write workers and tick times to this PNG.")
     ] = None,
     players: Annotated[int, typer.Option(min=1, help="players: bot connections.")] = 1000,
+    bots: Annotated[str, typer.Option(help="players: the bots' engine, native or python.")] = (
+        "native"
+    ),
 ) -> None:
     """Run a benchmark scenario end to end and print its measured figures."""
     from meshd import _bench
@@ -314,7 +317,9 @@ def bench_command(
             npcs=npcs or 1000, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
         )
     elif scenario == "players":
-        result = _bench.bench_players(players=players, seconds=seconds, rate=rate)
+        if bots not in ("native", "python"):
+            raise _fail(f"unknown bots engine {bots!r}; available: native, python", 2)
+        result = _bench.bench_players(players=players, seconds=seconds, rate=rate, engine=bots)
     else:
         raise _fail(f"unknown scenario {scenario!r}; available: sim, failover, rush, players", 2)
     _print_json(result) if as_json else _pairs(result, f"bench {scenario}")
@@ -329,12 +334,17 @@ def bots_command(
     duration: Annotated[
         float, typer.Option(min=0.1, help="Seconds of play, all connected.")
     ] = 10.0,
-    scenario: Annotated[str, typer.Option(help="wander, rush or cross.")] = "wander",
+    scenario: Annotated[str, typer.Option(help="wander, rush, cross or crowd.")] = "wander",
     target: Annotated[str, typer.Option(help="rush: X,Y as shares of the world size.")] = "0.5,0.5",
+    engine: Annotated[
+        str,
+        typer.Option(help="python (meshd.client) or native (C, built on first use)."),
+    ] = "python",
     as_json: JsonOption = False,
 ) -> None:
     """Drive N real player connections from one process; exit 1 on unexpected disconnects."""
     from meshd._bots import SCENARIOS, run_bots
+    from meshd._loadgen import LoadgenError, run_native
 
     if scenario not in SCENARIOS:
         raise _fail(f"unknown scenario {scenario!r}; available: {', '.join(SCENARIOS)}", 2)
@@ -344,9 +354,17 @@ def bots_command(
         address = (host, int(port))
     except ValueError:
         raise _fail("--connect takes HOST:PORT and --target X,Y", 2) from None
-    result = trio.run(
-        lambda: run_bots(*address, count, duration, scenario=scenario, target=(tx, ty))
-    )
+    if engine == "native":
+        try:
+            result = run_native(*address, count, duration, scenario, (tx, ty))
+        except LoadgenError as exc:
+            raise _fail(str(exc), 1) from None
+    elif engine == "python":
+        result = trio.run(
+            lambda: run_bots(*address, count, duration, scenario=scenario, target=(tx, ty))
+        )
+    else:
+        raise _fail(f"unknown engine {engine!r}; available: python, native", 2)
     _print_json(result) if as_json else _pairs(result, f"bots: {scenario}")
     if result["disconnects"]:
         raise typer.Exit(1)

@@ -30,21 +30,26 @@ def test_nearest_matches_a_brute_force_scan(points, cap, radius) -> None:
             assert max(distances, default=0.0) <= inside[cap - 1] + 1e-9
 
 
+def test_nearest_with_nobody_looking() -> None:
+    assert nearest([], [[1, "k", 0.0, 0.0, 0.0, ()]], 10.0, 4) == []
+
+
 def test_watched_cells_cover_the_view_and_a_ring() -> None:
     cells = watch_cells([(45.0, 45.0)], 30.0, 30.0)
     assert [1, 1] in cells and [-1, -1] in cells and [3, 3] in cells and len(cells) == 25
 
 
 def test_views_send_only_what_changed() -> None:
-    a, b, c = [1, "k", 0.0, 0.0, 0.0, (1,)], [2, "k", 1.0, 0.0, 0.0, (1,)], [3, "k", 2.0, 0, 0, ()]
-    records = {1: a, 2: b, 3: c}
     viewer = Viewer(1)
 
-    def view(ids):
-        return update_view(viewer, ids, records, lambda r: ("full", r[0]), lambda r: ("at", r[0]))
+    def view(ids, changed):
+        enter, update, leave = update_view(
+            viewer, ids, {i: ("changed", i) for i in changed}, lambda i: ("full", i)
+        )
+        return enter, sorted(update), sorted(leave)
 
-    assert view([1, 2]) == ([("full", 1), ("full", 2)], [], [])
-    records[2] = [2, "k", 1.5, 0.0, 0.0, (1,)]  # moved only: its position
-    records[1] = [1, "k", 0.0, 0.0, 0.0, (2,)]  # new state: everything
-    assert view([1, 2, 3]) == ([("full", 3)], [("full", 1), ("at", 2)], [])
-    assert view([1]) == ([], [], [2, 3])
+    assert view([1, 2], set()) == ([("full", 1), ("full", 2)], [], [])
+    assert view([1, 2], {2}) == ([], [("changed", 2)], [])
+    # 3 enters whole although it changed too; 4 changed but is not in view
+    assert view([3, 1, 2], {1, 3, 4}) == ([("full", 3)], [("changed", 1)], [])
+    assert view([1], {1, 2}) == ([], [("changed", 1)], [2, 3])

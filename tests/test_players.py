@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +21,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd import client
-from meshd._protocol import Input, Login, ProtocolError, decode_client, encode_frame
-from meshd._wire import frame
+from meshd._protocol import (
+    CLIENT_MESSAGES,
+    Input,
+    Login,
+    ProtocolError,
+    decode_client,
+    encode_frame,
+)
+from meshd._wire import decode_message, frame
 
 PLAYERS = {**TAVERN, "tick": {"persist_every": 5}}
 
@@ -57,6 +65,23 @@ def test_wellformed_maps_of_any_shape_raise_only_the_protocol_error(value) -> No
         body = dict(value) if kind is None else {**value, "type": kind}
         with contextlib.suppress(ProtocolError):
             decode_client(cbor2.dumps(body))
+
+
+@given(
+    st.integers(-(2**64), 2**64 - 1),
+    st.text(max_size=10),
+    st.dictionaries(st.text(max_size=5), st.integers(-9, 9) | st.text(max_size=5), max_size=3),
+    st.booleans(),
+)
+def test_the_input_fast_path_agrees_with_the_generic_decoder(seq, action, args, with_args) -> None:
+    fields = {"type": "Input", "seq": seq, "action": action}
+    if with_args:
+        fields["args"] = args
+    body = cbor2.dumps(fields)
+    assert decode_client(body) == decode_message(body, CLIENT_MESSAGES)
+    for wrong in ({**fields, "seq": True}, {**fields, "args": [1]}, {**fields, "extra": 1}):
+        with pytest.raises(ProtocolError):
+            decode_client(cbor2.dumps(wrong))
 
 
 # -- a live server ----------------------------------------------------------
@@ -280,11 +305,20 @@ def test_a_bot_crossing_workers_that_get_killed_sees_every_tick(tmp_path: Path) 
     assert owners == {1, 2}  # back and forth across the boundary of workers 1 and 2
 
 
-def test_bots_command_reports_everyone_connected(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_bots_command_reports_everyone_connected(tmp_path: Path, engine: str) -> None:
     config = write_config(tmp_path, PLAYERS)
     daemon = start_daemon(config, "--rate", "20")
+
+    async def where_is(name: str) -> float:
+        async with await client.connect(host, port, name, f"{name}-secret") as player:
+            async for _view in player.views():
+                return player.world[player.entity]["x"]
+        raise AssertionError("no view")
+
     try:
         host, port = gateway_of(config)
+        x_before = trio.run(where_is, "bot-1")
         result = meshd(
             "bots",
             "--connect",
@@ -294,16 +328,55 @@ def test_bots_command_reports_everyone_connected(tmp_path: Path) -> None:
             "--duration",
             "3",
             "--scenario",
-            "rush",
+            "cross",
+            "--engine",
+            engine,
             "--json",
         )
+        x_after = trio.run(where_is, "bot-1")
     finally:
         daemon.kill()
         daemon.wait(timeout=10)
     summary = json.loads(result.stdout)
     assert summary["connected"] == 30 and summary["disconnects"] == 0
     assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
-    assert summary["updates_per_s"] > 15
+    assert summary["updates_per_s"] > 15 and summary["rtt_ms"]["p50"] > 0
+    assert abs(x_after - x_before) > 5.0  # the bots really walked
+
+
+def test_native_bots_report_a_malformed_view(tmp_path: Path) -> None:
+    """The C bots walk every CBOR item: a truncated view is a disconnect, not a crash."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_one() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(4096)  # the login
+            welcome = {"type": "Welcome", "version": 1, "player": 7, "tick": 1, "rate": 20.0}
+            view = cbor2.dumps({"tick": 2, "ack": 0, "enter": [[7, "patron", 1.0, 2.0, 0.0]]})
+            connection.sendall(frame(cbor2.dumps(welcome)) + frame(view[:-3]))
+            time.sleep(3)
+
+    server = threading.Thread(target=serve_one, daemon=True)
+    server.start()
+    result = meshd(
+        "bots",
+        "--connect",
+        f"127.0.0.1:{port}",
+        "--count",
+        "1",
+        "--duration",
+        "1",
+        "--engine",
+        "native",
+        "--json",
+        check=False,
+    )
+    listener.close()
+    summary = json.loads(result.stdout)
+    assert result.returncode == 1 and summary["connected"] == 1
+    assert list(summary["disconnect_reasons"]) == ["bad frame: malformed CBOR"]
 
 
 GHOSTLY = textwrap.dedent(

@@ -123,8 +123,8 @@ def decode_client(body: bytes) -> Login | Input | Ping:
     try:
         data = decode_cbor(body)
         # Every player sends ten inputs a second: a well-formed one is checked
-        # here by hand at a third of the generic cost; anything unusual takes
-        # the generic path and its detailed errors.
+        # here by hand, skipping the generic structuring (~40% of the decode);
+        # anything unusual takes the generic path and its detailed errors.
         if type(data) is dict and data.get("type") == "Input" and data.keys() in _INPUT_KEYS:
             seq, action, args = data["seq"], data["action"], data.get("args", {})
             if type(seq) is int and type(action) is str and type(args) is dict:

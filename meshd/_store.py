@@ -81,6 +81,8 @@ class Store:
             raise StoreError(
                 f"{self.path} has format {meta.get('format')!r}; this meshd reads format {FORMAT}"
             )
+        if meta:
+            meta.setdefault("quarantined", [])  # written before partitions could be quarantined
         return meta
 
     def rows(self) -> Iterator[Row]:

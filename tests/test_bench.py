@@ -18,7 +18,7 @@ from conftest import (
     write_config,
 )
 
-from meshd._bench import bench_sim
+from meshd._bench import bench_players, bench_sim
 
 
 @pytest.mark.bench
@@ -26,6 +26,16 @@ def test_bench_sim_runs_and_all_variants_reach_the_same_world() -> None:
     result = bench_sim(npcs=1000, ticks=40)
     assert result["same_world"]
     assert result["bare_updates_per_s"] > 0 and result["ratio_1w"] > 0.5
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_bench_players_measures_server_and_bots_apart(engine: str) -> None:
+    result = bench_players(players=20, seconds=4, engine=engine)
+    assert result["connected"] == 20 and result["disconnects"] == 0
+    assert result["tick_gaps"] == 0 and result["updates_per_s"] > 15
+    assert result["server_cpu"]["core"] > 0 and result["bots_cpu"] > 0
+    assert result["bytes_per_client_s"] > 0
 
 
 @pytest.mark.slow

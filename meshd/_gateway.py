@@ -7,9 +7,10 @@ tick loop does the per-tick work of every player without waiting:
 :meth:`Gateway.before_tick` reads what each player sent (inputs under a
 token bucket, pings) with one non-blocking ``recv`` and turns inputs, new
 players' entities and join/leave into events for the next step;
-:meth:`Gateway.after_tick` sets the cells to watch and writes each player's
-view update straight into its socket. Only what the kernel does not take at
-once goes to the connection's writer task, through a bounded backlog.
+:meth:`Gateway.after_tick` sets the cells to watch; :meth:`Gateway.send_views`
+(while the workers simulate the next tick) writes each player's view update
+straight into its socket. Only what the kernel does not take at once goes to
+the connection's writer task, through a bounded backlog.
 Everything a client can get wrong ends with one ``Error`` frame and the close
 of that connection only; nothing a client does can make the tick loop wait.
 """

@@ -1,10 +1,11 @@
 """The native bots: ``_loadgen.c``, built on first use, run as a separate process.
 
-The Python bots (:mod:`meshd._bots`) spend about 0.2 ms of CPU decoding each
-64-entity view; a thousand of them at 20 views a second would need four
-cores just to read, so on a small machine a load test with them measures
-the bots. The C generator plays the same scenarios over the same protocol
-for a fraction of that and prints the same summary.
+The Python bots (:mod:`meshd._bots`) spend about 0.2 ms of CPU on each
+64-entity view (receiving, decoding, applying it); a thousand of them at 20
+views a second would need about four cores just to read, so on a small
+machine a load test with them measures the bots. The C generator plays the
+same scenarios over the same protocol for a fraction of that and prints the
+same summary.
 """
 
 from __future__ import annotations

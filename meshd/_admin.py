@@ -3,12 +3,17 @@
 Requests and answers are single frames: an :class:`AdminRequest` in, an
 :class:`AdminAnswer` out. The views read the core's state between ticks
 (trio runs one task at a time), so every answer is consistent.
+
+``release`` is the one command that changes the world; it is taken only
+from the daemon's own user (checked with the connection's peer credentials,
+on top of the socket's file mode) and logged with the caller's pid and uid.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +28,12 @@ from meshd._wire import FrameDecoder, WireError, decode_message, encode_message,
 if TYPE_CHECKING:
     from meshd._core import Core
 
-VIEWS = ("status", "workers", "partitions", "entity", "world", "stats", "map")
+VIEWS = ("status", "workers", "partitions", "entity", "world", "stats", "map", "release")
+WRITES = frozenset({"release"})
 HASH_TIMEOUT = 30.0
+RELEASE_TIMEOUT = 60.0
+"""A release waits for a checkpoint and maybe for a worker process to start."""
+_PEERCRED = struct.Struct("3i")
 
 
 @attrs.define
@@ -32,6 +41,12 @@ class AdminRequest:
     view: str
     entity: int | None = None
     hash: bool = False
+    entities: list[int] = attrs.field(factory=list)
+    """release: these quarantined entities..."""
+    all_entities: bool = False
+    """...or every quarantined entity..."""
+    partitions: bool = False
+    """...and/or every quarantined partition."""
 
 
 @attrs.define
@@ -165,7 +180,37 @@ async def world_view(core: Core, with_hash: bool) -> dict[str, Any]:
     return {"tick": tick, "entities": len(repl.owner), "hash": digest}
 
 
-async def answer(core: Core, request: AdminRequest) -> AdminAnswer:
+async def release(core: Core, request: AdminRequest, peer: dict[str, int]) -> dict[str, Any]:
+    """Ask the tick loop to run quarantined entities or partitions again; what it released."""
+    from meshd._core import Release
+
+    if not (request.entities or request.all_entities or request.partitions):
+        raise ValueError("nothing to release: name entities, all entities or partitions")
+    wanted = Release(request.entities, request.all_entities, request.partitions, peer)
+    core.releases.append(wanted)
+    with trio.fail_after(RELEASE_TIMEOUT):
+        await wanted.done.wait()
+    if "error" in wanted.result:
+        raise ValueError(wanted.result["error"])
+    return wanted.result
+
+
+def peer_credentials(stream: trio.SocketStream) -> dict[str, int]:
+    """The ``pid`` and ``uid`` of the process at the other end of a Unix socket."""
+    raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, _gid = _PEERCRED.unpack(raw)
+    return {"pid": pid, "uid": uid}
+
+
+async def answer(
+    core: Core, request: AdminRequest, peer: dict[str, int] | None = None
+) -> AdminAnswer:
+    if request.view in WRITES and (peer is None or peer["uid"] != os.geteuid()):
+        return AdminAnswer(
+            ok=False,
+            error=f"{request.view} changes the world: only the daemon's own user "
+            f"(uid {os.geteuid()}) may ask for it",
+        )
     try:
         if request.view == "status":
             result: Any = status_view(core)
@@ -183,6 +228,9 @@ async def answer(core: Core, request: AdminRequest) -> AdminAnswer:
             result = stats_view(core)
         elif request.view == "map":
             result = map_view(core)
+        elif request.view == "release":
+            assert peer is not None
+            result = await release(core, request, peer)
         else:
             raise ValueError(f"unknown view {request.view!r}; one of {', '.join(VIEWS)}")
     except (KeyError, ValueError, trio.TooSlowError) as exc:
@@ -192,6 +240,7 @@ async def answer(core: Core, request: AdminRequest) -> AdminAnswer:
 
 async def _handle(core: Core, stream: trio.SocketStream) -> None:
     decoder = FrameDecoder()
+    peer = peer_credentials(stream)
     async with stream:
         try:
             while True:
@@ -205,7 +254,7 @@ async def _handle(core: Core, stream: trio.SocketStream) -> None:
                     except WireError as exc:
                         reply = AdminAnswer(ok=False, error=str(exc))
                     else:
-                        reply = await answer(core, request)
+                        reply = await answer(core, request, peer)
                     await stream.send_all(frame(encode_message(reply)))
         except (WireError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -216,11 +265,14 @@ async def serve_admin(
 ) -> None:
     """Listen on the admin socket until cancelled."""
     path.unlink(missing_ok=True)  # a stale socket from a killed core; we hold the lock
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    os.chmod(path, 0o600)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)  # created 0600: not readable by others even for an instant
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(umask)
     sock.listen(16)
-    listener = trio.SocketListener(sock)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     task_status.started()
     await trio.serve_listeners(lambda stream: _handle(core, stream), [listener])
 

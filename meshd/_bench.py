@@ -60,7 +60,7 @@ def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float
     for tick in range(1, ticks + 1):
         prev, index = snapshot_views(entities.values(), (), world.halo)
         ctx = Context(plugins, world, tick, index)
-        inbox = group_events(events)
+        inbox, _inputs = group_events(events)
         for entity in entities.values():
             run_entity(
                 entity,

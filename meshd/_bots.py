@@ -67,27 +67,27 @@ def _heading(
         if player.entity % 2:
             scenario = "wander"
         else:
-            tx, ty = target[0] * size - me["x"], target[1] * size - me["y"]
+            tx, ty = target[0] * size - me.x, target[1] * size - me.y
             if math.hypot(tx, ty) > CROWD_RADIUS * 0.8:
                 return tx, ty
             scenario = "wander"
     if scenario == "wander":
-        moving = me.get("vx", 0.0) or me.get("vy", 0.0)
-        if moving and rng.random() >= MOVE_EVERY / TURN_EVERY:
-            return me["vx"], me["vy"]
+        vx, vy = me.state.get("vx", 0.0), me.state.get("vy", 0.0)
+        if (vx or vy) and rng.random() >= MOVE_EVERY / TURN_EVERY:
+            return vx, vy
         angle = rng.uniform(0, math.tau)
         return math.cos(angle), math.sin(angle)
     if scenario == "rush":
         tx, ty = target[0] * size, target[1] * size
-        towards = (tx - me["x"], ty - me["y"])
+        towards = (tx - me.x, ty - me.y)
         if elapsed < duration / 2:
             return towards if math.hypot(*towards) > 3.0 else (0.0, 0.0)
         return -towards[0] + rng.uniform(-1, 1), -towards[1] + rng.uniform(-1, 1)
     # cross: east until 70% of the world, then west until 30%, and again
-    going_east = me.get("vx", 1.0) >= 0
-    if going_east and me["x"] > 0.7 * size:
+    going_east = me.state.get("vx", 1.0) >= 0
+    if going_east and me.x > 0.7 * size:
         going_east = False
-    elif not going_east and me["x"] < 0.3 * size:
+    elif not going_east and me.x < 0.3 * size:
         going_east = True
     return (1.0 if going_east else -1.0), 0.0
 

@@ -2,14 +2,17 @@
 
 Every setting lives at ``section.key``; its environment variable is
 ``MESHD_SECTION_KEY`` (for example ``MESHD_WORLD_SEED``, ``MESHD_TICK_RATE``).
+A plugin's settings (``[plugins.NAME]``) are ``MESHD_PLUGINS_NAME_KEY``.
 Environment values are read as TOML values when they parse as one
 (``7``, ``0.5``, ``true``, ``["a", "b"]``) and as plain strings otherwise.
-Any bad value stops startup with a :class:`ConfigError` naming the key and
-the expected form.
+Any bad value, and any ``MESHD_*`` variable that names no setting (a typo
+would otherwise be silently ignored), stops startup with a
+:class:`ConfigError` naming the key and the expected form.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -22,6 +25,9 @@ import cattrs
 from meshd._wire import CONVERTER
 
 DEFAULT_CONFIG = Path("meshd.toml")
+COMMAND_LINE_VARIABLES = frozenset({"MESHD_CONFIG"})
+"""``MESHD_*`` variables that the command line reads and that name no setting."""
+PLUGIN_VARIABLE = "MESHD_PLUGINS_"
 
 
 class ConfigError(Exception):
@@ -161,17 +167,60 @@ def _parse_env_value(text: str) -> Any:
         return text
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """``MESHD_SECTION_KEY`` variables that name a real setting, as dotted keys."""
-    found: dict[str, Any] = {}
+def _setting_variables() -> dict[str, str]:
+    """``MESHD_SECTION_KEY`` -> ``"section.key"`` for every setting."""
+    names = {}
     for section in _SECTIONS:
         for field in attrs.fields(_resolve_section(section)):
             if section == "plugins" and field.name == "settings":
                 continue
-            name = f"MESHD_{section}_{field.name}".upper()
-            if name in environ:
-                found[f"{section}.{field.name}"] = _parse_env_value(environ[name])
-    return found
+            names[f"MESHD_{section}_{field.name}".upper()] = f"{section}.{field.name}"
+    return names
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings named by ``MESHD_*`` variables, as dotted keys, and the plugin
+    variables (``MESHD_PLUGINS_NAME_KEY``), matched later against the loaded plugins.
+
+    Raises :class:`ConfigError` for a variable that names nothing.
+    """
+    known = _setting_variables()
+    found: dict[str, Any] = {}
+    plugin_variables: dict[str, str] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith("MESHD_") or name in COMMAND_LINE_VARIABLES:
+            continue
+        if name in known:
+            found[known[name]] = _parse_env_value(text)
+        elif name.startswith(PLUGIN_VARIABLE):
+            plugin_variables[name] = text
+        else:
+            close = difflib.get_close_matches(name, [*known, *COMMAND_LINE_VARIABLES], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"environment variable {name} names no setting{hint} "
+                "(settings are MESHD_SECTION_KEY, plugin settings MESHD_PLUGINS_NAME_KEY)"
+            )
+    return found, plugin_variables
+
+
+def _plugin_settings_from_env(
+    variables: Mapping[str, str], loaded: list[str], settings: dict[str, Any]
+) -> None:
+    """Put ``MESHD_PLUGINS_NAME_KEY`` values into ``settings[name][key]``."""
+    for variable, text in variables.items():
+        rest = variable.removeprefix(PLUGIN_VARIABLE)
+        for name in sorted(loaded, key=len, reverse=True):  # "my_game" before "my"
+            prefix = f"{name.upper()}_"
+            if rest.startswith(prefix) and len(rest) > len(prefix):
+                table = settings.setdefault(name, {})
+                table[rest.removeprefix(prefix).lower()] = _parse_env_value(text)
+                break
+        else:
+            raise ConfigError(
+                f"environment variable {variable} names no loaded plugin's setting "
+                f"(plugins.load = {loaded}; plugin settings are MESHD_PLUGINS_NAME_KEY)"
+            )
 
 
 def _apply(raw: dict[str, Any], dotted: Mapping[str, Any]) -> None:
@@ -310,19 +359,23 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {chosen} is not valid TOML: {exc}") from None
         base_dir = chosen.resolve().parent
-    _apply(raw, env_overrides(os.environ if environ is None else environ))
+    from_env, plugin_variables = env_overrides(os.environ if environ is None else environ)
+    _apply(raw, from_env)
     _apply(raw, {key: value for key, value in (overrides or {}).items() if value is not None})
 
     plugins = raw.get("plugins", {})
     if isinstance(plugins, dict):
         plugins = dict(plugins)
         settings = {
-            name: value
+            name: dict(value)
             for name, value in plugins.items()
             if name not in ("load", "dirs") and isinstance(value, dict)
         }
         for name in settings:
             del plugins[name]
+        loaded = plugins.get("load", PluginsConfig().load)
+        if plugin_variables and isinstance(loaded, list):
+            _plugin_settings_from_env(plugin_variables, [str(n) for n in loaded], settings)
         plugins["settings"] = settings
         raw["plugins"] = plugins
     raw["base_dir"] = str(base_dir)

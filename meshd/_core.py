@@ -7,6 +7,8 @@ signals) runs beside it in the same nursery and never makes it wait on disk.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import math
 import os
@@ -19,17 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import cattrs
 import cbor2
 import trio
 
 from meshd._config import Config, ConfigError
 from meshd._gateway import Account, Gateway, cell_size
-from meshd._layout import Layout
-from meshd._logging import get_logger
+from meshd._layout import Layout, sorted_leaves
+from meshd._logging import OncePer, error_site, get_logger
 from meshd._messages import Init, Reply, Step, WorldParams
 from meshd._planner import Planner, PlannerSettings
-from meshd._plugin import PluginSet, load_plugins
-from meshd._replication import Replication
+from meshd._plugin import KindCodec, PluginSet, load_plugins
+from meshd._replication import CommitReport, Replication
 from meshd._sim import create_world
 from meshd._snapshot import Delta, WorldSnapshot
 from meshd._store import Store
@@ -40,6 +43,7 @@ from meshd._wire import CONVERTER
 DB_NAME = "world.db"
 SOCKET_NAME = "meshd.sock"
 LOCK_NAME = "meshd.lock"
+PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME)
 PERSIST_RETRY_MAX = 5.0
 STARTUP_DEADLINE = 10.0
 NOMINAL_RATE = 20.0
@@ -119,9 +123,35 @@ def planner_settings(config: Config) -> PlannerSettings:
     )
 
 
+def make_private(data_dir: Path) -> None:
+    """Make the data folder 0700 and the files meshd keeps there 0600, whoever made them.
+
+    The database holds players' salts and secret hashes. The database file is
+    created here, empty and 0600, so that SQLite (which gives its WAL and
+    shared-memory files the database's mode) never creates anything readable
+    by others. Raises :class:`StartupError` if the folder cannot be made private.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(data_dir / DB_NAME, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in [data_dir, *(data_dir / name for name in PRIVATE_FILES)]:
+            if path.exists():
+                path.chmod(0o700 if path.is_dir() else 0o600)
+                if path.stat().st_mode & 0o077:
+                    raise PermissionError(
+                        errno.EPERM, "its mode cannot be changed on this file system", str(path)
+                    )
+    except OSError as exc:
+        raise StartupError(
+            f"the data folder {data_dir} must be private to the user running meshd "
+            f"(folder 0700, files 0600), and {exc.filename or data_dir} cannot be made so: "
+            f"{exc.strerror}; choose another data.dir (or --data)"
+        ) from None
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """Take the data folder's OS lock; a killed core's lock dies with it."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private(data_dir)
     fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,15 +181,49 @@ def load_or_create(
             raise StartupError(
                 f"stored entity {entity_id} has kind {kind!r}, which no plugin defines"
             )
-        try:
-            values = codec.from_dict(cbor2.loads(state), CONVERTER)
-        except Exception as exc:
-            raise StartupError(f"stored entity {entity_id} ({kind}) does not load: {exc}") from exc
+        values = _stored_state(entity_id, kind, cbor2.loads(state), codec)
         records.append([entity_id, kind, x, y, z, values])
     snapshot = WorldSnapshot(
         meta["tick"], meta["seed"], meta["next_id"], records, meta["events"], meta["quarantined"]
     )
     return snapshot, False
+
+
+def _stored_state(entity_id: int, kind: str, data: Any, codec: KindCodec) -> tuple[Any, ...]:
+    """A stored entity's state as its kind's class has it now; what to do if it cannot be."""
+    cls = codec.cls.__name__
+    gone = sorted(set(data) - set(codec.fields)) if isinstance(data, dict) else []
+    if gone:
+        raise StartupError(
+            f"stored entity {entity_id} (kind {kind!r}) has field(s) {', '.join(gone)}, which "
+            f"state class {cls} no longer defines: put them back in {cls} (a default is "
+            "enough) to load this world; a field that holds stored data cannot be removed yet"
+        )
+    try:
+        return codec.from_dict(data, CONVERTER)
+    except Exception as exc:
+        details = "; ".join(cattrs.transform_error(exc, path=cls))
+        raise StartupError(
+            f"stored entity {entity_id} (kind {kind!r}) does not fit state class {cls}: "
+            f"{details}; give new fields a default, and keep stored fields' types"
+        ) from None
+
+
+@attrs.define(eq=False)
+class Release:
+    """An operator's request to run quarantined entities or partitions again.
+
+    Applied by the tick loop at the next checkpoint boundary; ``done`` fires
+    with ``result`` (what was released) set.
+    """
+
+    entities: list[int]
+    all_entities: bool
+    partitions: bool
+    peer: dict[str, int]
+    """Who asked: the admin connection's ``pid`` and ``uid``."""
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -183,6 +247,7 @@ class Core:
         replication: Replication,
         supervisor: Supervisor,
         store: Store,
+        store_lock: trio.CapacityLimiter,
         planner: Planner | None = None,
         gateway: Gateway | None = None,
     ) -> None:
@@ -194,6 +259,8 @@ class Core:
         self.replication = replication
         self.supervisor = supervisor
         self.store = store
+        self.store_lock = store_lock
+        """One thread at a time on the database connection (ticks and accounts)."""
         self.started = time.monotonic()
         self.tick_ms: deque[float] = deque(maxlen=2000)
         self.tick_times: deque[float] = deque(maxlen=200)
@@ -202,7 +269,9 @@ class Core:
         self.persist_failures = 0
         self.stop_requested = False
         self.hash_waiters: list[trio.MemorySendChannel[tuple[int, str]]] = []
+        self.releases: list[Release] = []
         self.failover_log: deque[Failover] = deque(maxlen=1000)
+        self.plugin_errors = OncePer()
         self._deadline: float | None = None
         self._deadline_at = -1
         self.log = get_logger(component="core")
@@ -232,13 +301,14 @@ class Core:
 async def _persist_loop(core: Core, deltas: trio.MemoryReceiveChannel[Delta]) -> None:
     """The only writer: one whole tick per transaction, retried until it lands."""
     schema = core.plugins.schema()
-    limiter = trio.CapacityLimiter(1)
     async with deltas:
         async for delta in deltas:
             backoff = 0.1
             while True:
                 try:
-                    await trio.to_thread.run_sync(core.store.write, delta, schema, limiter=limiter)
+                    await trio.to_thread.run_sync(
+                        core.store.write, delta, schema, limiter=core.store_lock
+                    )
                     break
                 except Exception as exc:
                     core.persist_failures += 1
@@ -277,7 +347,12 @@ async def _tick_loop(
         tick = repl.tick + 1
         final = core.stop_requested or (ticks is not None and tick == first_tick - 1 + ticks)
         persist_now = final or tick % persist_every == 0
-        checkpoint = persist_now or tick % checkpoint_every == 0 or bool(core.hash_waiters)
+        checkpoint = (
+            persist_now
+            or tick % checkpoint_every == 0
+            or bool(core.hash_waiters)
+            or bool(core.releases)
+        )
         started = time.perf_counter()
         if core.gateway is not None:
             core.gateway.before_tick(tick)
@@ -292,7 +367,9 @@ async def _tick_loop(
                 await sent.done.wait()
                 core.gateway.send_views()
         report = repl.commit(tick, list(replies.values()), checkpoint)
+        _log_failures(core, tick, report)
         if core.gateway is not None:
+            core.gateway.inputs_failed(report.input_errors)
             core.gateway.after_tick(tick)
         if core.planner is not None:
             for reply in replies.values():
@@ -305,21 +382,6 @@ async def _tick_loop(
             if failover.committed_at is not None:
                 break
             failover.committed_at = time.monotonic()
-        for entity_id in report.quarantined:
-            core.log.error(
-                "entity quarantined: its systems keep failing",
-                tick=tick,
-                entity=entity_id,
-                ticks=repl.quarantine_after,
-            )
-        for worker, entity_id, text in report.errors:
-            core.log.warning(
-                "plugin error, entity kept its previous state",
-                tick=tick,
-                entity=entity_id,
-                worker=worker,
-                error=text,
-            )
         elapsed = (time.perf_counter() - started) * 1000.0
         core.tick_ms.append(elapsed)
         tick_ms.append(elapsed)
@@ -331,10 +393,12 @@ async def _tick_loop(
             len(repl.layout.owners),
             elapsed,
             sum(reply.cpu_ms for reply in replies.values()),
+            report.handoffs,
         )
         entity_ticks += len(repl.owner)
         if checkpoint:
             await _checkpoint(core, persist, final, persist_now)
+            await _release(core, stopping=final)
         if final:
             break
         if checkpoint and core.planner is not None:
@@ -355,6 +419,76 @@ async def _tick_loop(
         usage=core.usage.report(time.process_time()),
         timeline=list(core.usage.timeline),
     )
+
+
+async def _release(core: Core, *, stopping: bool) -> None:
+    """Apply operators' releases at this checkpoint boundary (the core holds all of ``S(T)``).
+
+    Entities are unfrozen with the next step. A quarantined worker slot gets
+    a new process (its restart budget starts over) that starts from the
+    world as it is now; if none can be started, the slot stays down.
+    """
+    repl, requests, core.releases = core.replication, core.releases, []
+    for request in requests:
+        if stopping:
+            request.result = {"error": "the daemon is stopping; nothing was released"}
+            request.done.set()
+            continue
+        wanted = sorted(repl.quarantined) if request.all_entities else request.entities
+        entities = repl.release_entities(wanted)
+        partitions: list[str] = []
+        failed: list[str] = []
+        for worker in sorted(repl.down) if request.partitions else ():
+            leaves = sorted_leaves(repl.layout.leaves_of(worker))
+            restore = repl.bring_up(worker)
+            try:
+                link = await core.supervisor.revive(worker)
+            except WorkerFailed as failure:
+                repl.take_down(worker)
+                failed.append(f"worker {worker}: {failure.reason}")
+                continue
+            # A send that fails is an ordinary failover at the next step (from this checkpoint).
+            with contextlib.suppress(WorkerFailed):
+                await link.send(restore)
+            partitions.extend(leaves)
+        request.result = {"entities": entities, "partitions": partitions}
+        if failed:
+            request.result["failed"] = failed
+        core.log.warning(
+            "operator released quarantined entities and partitions",
+            tick=repl.tick,
+            entities=entities,
+            partitions=partitions,
+            failed=failed or None,
+            **request.peer,
+        )
+        request.done.set()
+
+
+def _log_failures(core: Core, tick: int, report: CommitReport) -> None:
+    """Quarantines, and each distinct plugin error once (``plugin_errors`` counts them all)."""
+    repl = core.replication
+    for entity_id in report.quarantined:
+        core.log.error(
+            "entity quarantined: its systems keep failing; fix the plugin, then "
+            "`meshd release --entity ID` (or restart)",
+            tick=tick,
+            entity=entity_id,
+            ticks=repl.quarantine_after,
+        )
+    for worker, entity_id, where, text in report.errors:
+        kind = repl.records[entity_id][1]
+        if core.plugin_errors.first((kind, *error_site(where, text))):
+            core.log.warning(
+                "plugin error, entity kept its previous state (logged once per place; "
+                "inspect status counts plugin_errors)",
+                tick=tick,
+                entity=entity_id,
+                kind=kind,
+                where=where or None,
+                error=text,
+                worker=worker,
+            )
 
 
 async def _replan(core: Core, planner: Planner) -> None:
@@ -557,6 +691,13 @@ async def serve(
         workers = config.mesh.min_workers if dynamic else config.mesh.workers
         layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
         players = config.gateway.listen != ""
+        store_lock = trio.CapacityLimiter(1)
+
+        async def store_account(name: str, salt: bytes, digest: bytes, kdf: str) -> None:
+            await trio.to_thread.run_sync(
+                store.put_account, name, salt, digest, kdf, limiter=store_lock
+            )
+
         replication = Replication(
             plugins,
             world,
@@ -572,14 +713,17 @@ async def serve(
                 world,
                 replication,
                 {
-                    name: Account(salt, digest, entity)
-                    for name, salt, digest, entity in store.players()
+                    name: Account(salt, digest, entity, kdf)
+                    for name, salt, digest, entity, kdf in store.players()
                 },
                 config.tick.rate,
+                store_account,
             )
             if players
             else None
         )
+        if gateway is not None:
+            await gateway.listen()
         planner = Planner(planner_settings(config), layout, snapshot.tick) if dynamic else None
         supervisor = Supervisor(
             Init(
@@ -592,7 +736,7 @@ async def serve(
             restart_window=config.supervise.restart_window,
             spares=config.supervise.spares,
         )
-        core = Core(config, plugins, replication, supervisor, store, planner, gateway)
+        core = Core(config, plugins, replication, supervisor, store, store_lock, planner, gateway)
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)
         async with trio.open_nursery() as outer:
             outer.start_soon(_persist_loop, core, receive_delta)

@@ -2,7 +2,8 @@
 
 Each connection is one task: it reads the ``Login`` within
 ``gateway.login_timeout`` and checks or claims the name (secrets are scrypt
-hashes, compared in constant time, computed in a thread). From then on the
+hashes with their parameters stored per account, compared in constant time,
+computed in a thread; a new name is stored before its player is welcomed). From then on the
 tick loop does the per-tick work of every player without waiting:
 :meth:`Gateway.before_tick` reads what each player sent (inputs under a
 token bucket, pings) with one non-blocking ``recv`` and turns inputs, new
@@ -24,23 +25,24 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
 import cbor2
 import trio
 
-from meshd._config import GatewayConfig
+from meshd._config import ConfigError, GatewayConfig
 from meshd._interest import Viewer, nearest, update_view, watch_cells
-from meshd._logging import get_logger
+from meshd._logging import OncePer, error_site, get_logger
 from meshd._messages import WorldParams
-from meshd._plugin import INPUT_PREFIX, JOIN, LEAVE, PluginSet
+from meshd._plugin import GATEWAY, INPUT_PREFIX, JOIN, LEAVE, PluginSet
 from meshd._protocol import (
     MAX_CLIENT_FRAME,
     PROTOCOL_VERSION,
     Error,
     Input,
+    InputRefused,
     Login,
     Ping,
     Pong,
@@ -51,6 +53,7 @@ from meshd._protocol import (
 )
 from meshd._replication import Replication
 from meshd._sim import WorldBuilder
+from meshd._store import NO_ENTITY
 from meshd._wire import FrameDecoder, WireError, frame
 
 SALT_BYTES = 16
@@ -61,10 +64,19 @@ CLOSE_GRACE = 1.0
 """Seconds a closing connection gets to flush its last frames and the error."""
 
 
-def hash_secret(secret: str, salt: bytes, cost: int) -> bytes:
-    """scrypt of the secret (N = 2**cost, r = 8, p = 1): slow on purpose; call it in a thread."""
+def scrypt_parameters(cost: int) -> str:
+    """The hashing parameters stored with an account: ``"scrypt:N:r:p"`` with N = 2**cost."""
+    return f"scrypt:{1 << cost}:8:1"
+
+
+def hash_secret(secret: str, salt: bytes, kdf: str) -> bytes:
+    """The secret hashed with an account's parameters: slow on purpose; call it in a thread."""
+    algorithm, *numbers = kdf.split(":")
+    if algorithm != "scrypt" or len(numbers) != 3:
+        raise ValueError(f"unknown hashing parameters {kdf!r}")
+    n, r, p = map(int, numbers)
     return hashlib.scrypt(
-        secret.encode(), salt=salt, n=1 << cost, r=8, p=1, maxmem=256 << 20, dklen=32
+        secret.encode(), salt=salt, n=n, r=r, p=p, maxmem=132 * r * (n + p), dklen=32
     )
 
 
@@ -73,6 +85,8 @@ class Account:
     salt: bytes
     digest: bytes
     entity: int
+    kdf: str
+    """How ``digest`` was made (:func:`scrypt_parameters`); "" for the configured cost."""
 
 
 class Refused(Exception):
@@ -104,8 +118,10 @@ class Client:
     viewer: Viewer
     tokens: float
     refilled: float
-    last_seq: int = 0
     acked: int = 0
+    """The ``seq`` of the last input whose tick the views have reached."""
+    acks: deque[tuple[int, int]] = attrs.field(factory=deque)
+    """(tick, seq): the last input of each tick it was sent into the world for."""
     error: Error | None = None
     closed: bool = False
     connection: trio.CancelScope | None = None
@@ -171,6 +187,7 @@ class Gateway:
         replication: Replication,
         accounts: dict[str, Account],
         rate: float,
+        store_account: Callable[[str, bytes, bytes, str], Awaitable[None]],
     ) -> None:
         self.config = config
         self.rate = rate
@@ -180,7 +197,9 @@ class Gateway:
         self.accounts = accounts
         self.clients: dict[int, Client] = {}
         self.connections = 0
-        self.new_claims: list[tuple[str, bytes, bytes, int]] = []
+        self.new_claims: list[tuple[str, int]] = []
+        """(name, entity) of players' new entities, for the next persisted tick."""
+        self._store_account = store_account
         self.joins: list[Join] = []
         self.inputs: list[tuple[int, str, Any, int]] = []
         """(entity, action, args, client seq) in arrival order."""
@@ -195,20 +214,34 @@ class Gateway:
         self._shown: dict[int, list[Any]] = {}
         """The watched records as of the last view update."""
         self.address = ""
+        self._listeners: list[trio.SocketListener] = []
         self._claiming: set[str] = set()
         self._hashing = trio.CapacityLimiter(1)
+        self._in_flight: dict[int, tuple[int, int, str]] = {}
+        """Input event seq -> (entity, client seq, action) for the tick being simulated."""
+        self._input_errors = OncePer()
         self._log = get_logger(component="gateway")
 
     # -- connections ------------------------------------------------------
 
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def listen(self) -> None:
+        """Bind the players' address; :class:`ConfigError` naming the setting if it cannot be."""
         host, port = self.config.address()
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        sockname = listeners[0].socket.getsockname()
+        try:
+            self._listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for players on {self.config.listen}: {exc.strerror or exc}; "
+                'set gateway.listen (or serve --listen) to a free HOST:PORT, or "" for none'
+            ) from None
+        sockname = self._listeners[0].socket.getsockname()
         self.address = f"{sockname[0]}:{sockname[1]}"
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept players on the address bound by :meth:`listen` until cancelled."""
         self._log.info("gateway listening", address=self.address)
         task_status.started(self.address)
-        await trio.serve_listeners(self._handle, listeners)
+        await trio.serve_listeners(self._handle, self._listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Bounded kernel buffers too: a reader that stalls is noticed within a second or two.
@@ -268,40 +301,66 @@ class Gateway:
             decoder.feed(data)
 
     async def _log_in(self, login: Login) -> int:
-        """Check or claim ``login.name``; the player's entity id."""
+        """Check or claim ``login.name``; the player's entity id.
+
+        A new name is stored (durably) before its entity is made, so a
+        player who was welcomed keeps the name whatever happens next. A good
+        login with out-of-date hashing parameters stores the secret's hash
+        again with the configured ones.
+        """
         if self.plugins.new_player is None:
             raise Refused("no_players", "no loaded plugin defines player entities")
-        name, cost = login.name, self.config.hash_cost
+        name, kdf = login.name, scrypt_parameters(self.config.hash_cost)
         if name in self._claiming:
             raise Refused("busy", f"the name {name!r} is being claimed right now")
         self._claiming.add(name)
         try:
             account = self.accounts.get(name)
             if account is not None:
-                digest = await trio.to_thread.run_sync(
-                    hash_secret, login.secret, account.salt, cost, limiter=self._hashing
-                )
+                digest = await self._hash(login.secret, account.salt, account.kdf or kdf)
                 if not hmac.compare_digest(digest, account.digest):
                     raise Refused("auth", f"wrong secret for {name!r}")
+                if account.kdf != kdf:
+                    await self._rehash(name, account, login.secret, kdf)
                 if account.entity in self.replication.records:
                     return account.entity
-                salt, digest = account.salt, account.digest  # its entity is gone: a new one
+                # its entity is gone (or never reached the database): a new one
             else:
                 salt = os.urandom(SALT_BYTES)
-                digest = await trio.to_thread.run_sync(
-                    hash_secret, login.secret, salt, cost, limiter=self._hashing
-                )
+                digest = await self._hash(login.secret, salt, kdf)
+                try:
+                    await self._store_account(name, salt, digest, kdf)
+                except Exception as exc:
+                    self._log.error("cannot store a new player name", name=name, error=str(exc))
+                    raise Refused(
+                        "server_error", "the server cannot store new names right now"
+                    ) from None
+                account = self.accounts[name] = Account(salt, digest, NO_ENTITY, kdf)
             join = Join(name)
             self.joins.append(join)
             await join.done.wait()
             if join.error:
                 raise Refused("server_error", join.error)
-            self.accounts[name] = Account(salt, digest, join.entity)
-            self.new_claims.append((name, salt, digest, join.entity))
-            self._log.info("new player", name=name, entity=join.entity)
+            account.entity = join.entity
+            self.new_claims.append((name, join.entity))
+            self._log.info("new player entity", name=name, entity=join.entity)
             return join.entity
         finally:
             self._claiming.discard(name)
+
+    async def _hash(self, secret: str, salt: bytes, kdf: str) -> bytes:
+        return await trio.to_thread.run_sync(hash_secret, secret, salt, kdf, limiter=self._hashing)
+
+    async def _rehash(self, name: str, account: Account, secret: str, kdf: str) -> None:
+        """Store the secret hashed with the configured parameters (after a good login)."""
+        salt = os.urandom(SALT_BYTES)
+        digest = await self._hash(secret, salt, kdf)
+        try:
+            await self._store_account(name, salt, digest, kdf)
+        except Exception as exc:  # the old hash still works: try again next login
+            self._log.warning("cannot store a rehashed secret", name=name, error=str(exc))
+            return
+        account.salt, account.digest, account.kdf = salt, digest, kdf
 
     async def _play(
         self, stream: trio.SocketStream, decoder: FrameDecoder, name: str, entity: int
@@ -334,6 +393,7 @@ class Gateway:
                     rate=self.rate,
                     world_size=self.world.size,
                     view_radius=self.config.view_radius,
+                    view_every=self.config.view_every,
                 )
             )
         )
@@ -380,7 +440,10 @@ class Gateway:
         client.refilled = now
         try:
             for body in client.decoder.frames():
-                message = decode_client(body)
+                try:
+                    message = decode_client(body)
+                except InputRefused as refused:
+                    message = refused
                 if client.tokens < 1:
                     client.close(Error("flood", f"more than {config.input_rate:g} messages/s"))
                     return
@@ -388,13 +451,19 @@ class Gateway:
                 if isinstance(message, Input):
                     if not self.plugins.accepts(message.action) or message.action in (JOIN, LEAVE):
                         client.offer(
-                            encode_frame(Error("bad_input", f"no action {message.action!r}"))
+                            encode_frame(
+                                Error(
+                                    "bad_input",
+                                    f"input {message.seq}: no action {message.action!r}",
+                                )
+                            )
                         )
                         continue
-                    client.last_seq = message.seq
                     self.inputs.append((client.entity, message.action, message.args, message.seq))
                 elif isinstance(message, Ping):
                     client.offer(encode_frame(Pong(message.id, self.replication.tick)))
+                elif isinstance(message, InputRefused):
+                    client.offer(encode_frame(Error("bad_input", str(message))))
                 else:
                     client.close(Error("already_logged_in", "log in once per connection"))
                     return
@@ -456,12 +525,44 @@ class Gateway:
             join.done.set()
         inputs, self.inputs = self.inputs, []
         events = []
+        self._in_flight = {}
+        latest: dict[int, int] = {}
         for seq, (entity, action, args, client_seq) in enumerate(inputs):
-            events.append([entity, 0, seq, INPUT_PREFIX + action, args])
+            events.append([entity, GATEWAY, seq, INPUT_PREFIX + action, args])
+            self._in_flight[seq] = (entity, client_seq, action)
+            if client_seq:
+                latest[entity] = client_seq
+        for entity, client_seq in latest.items():
+            client = self.clients.get(entity)
+            if client is not None:
+                # Acknowledged by the view of this tick: the first whose state has it.
+                client.acks.append((tick, client_seq))
+        repl.inject(events)  # inputs for a player entity that is gone are dropped
+
+    def inputs_failed(self, failures: list[tuple[int, int, str, str]]) -> None:
+        """Tell players whose inputs of the tick just committed failed in the plugin.
+
+        ``failures``: (entity, input event seq, where, error) from the commit.
+        The input was undone; the connection stays. Each distinct failure is
+        logged once (where it failed, for the plugin's author).
+        """
+        for entity, seq, where, text in failures:
+            _entity, client_seq, action = self._in_flight.get(seq, (entity, 0, "?"))
             client = self.clients.get(entity)
             if client is not None and client_seq:
-                client.acked = client_seq
-        repl.inject(events)  # inputs for a player entity that is gone are dropped
+                client.offer(
+                    encode_frame(
+                        Error("bad_input", f"input {client_seq} ({action}) failed: {text}")
+                    )
+                )
+            if self._input_errors.first((action, *error_site(where, text))):
+                self._log.info(
+                    "input failed and was undone (logged once per place)",
+                    entity=entity,
+                    action=action,
+                    where=where or None,
+                    error=text,
+                )
 
     def after_tick(self, tick: int) -> None:
         """Watch the cells around players (from the next step on); a view update is due."""
@@ -529,9 +630,12 @@ class Gateway:
         )
         for client, ids in zip(present, views, strict=True):
             enter, update, leave = update_view(client.viewer, ids, changes, entering)
+            acks = client.acks
+            while acks and acks[0][0] <= tick:
+                client.acked = acks.popleft()[1]
             client.offer(frame(encode_view(tick, client.acked, enter, update, leave)))
 
-    def take_claims(self) -> list[tuple[str, bytes, bytes, int]]:
+    def take_claims(self) -> list[tuple[str, int]]:
         claims, self.new_claims = self.new_claims, []
         return claims
 

@@ -7,6 +7,7 @@ strings; under trio only the synchronous log methods are used.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
@@ -38,3 +39,33 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
 
 def get_logger(**context: object) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger("meshd").bind(**context)
+
+
+class OncePer:
+    """Which keys were seen, so that a recurring error is logged once, not every tick.
+
+    Holds at most ``limit`` keys; past that every key counts as seen, so a
+    flood of distinct errors cannot grow memory (or the log) without bound.
+    """
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
+        self._seen: set[tuple[str, ...]] = set()
+
+    def first(self, key: tuple[str, ...]) -> bool:
+        """True the first time ``key`` is given."""
+        if key in self._seen or len(self._seen) >= self.limit:
+            return False
+        self._seen.add(key)
+        return True
+
+
+_NUMBERS = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?")
+
+
+def error_site(where: str, error: str) -> tuple[str, str]:
+    """What makes a plugin error the same error again: its place and exception type,
+    or, for meshd's own checks (no place), its message with the numbers left out."""
+    if where:
+        return where, error.partition(":")[0]
+    return "", _NUMBERS.sub("#", error)

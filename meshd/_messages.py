@@ -7,7 +7,8 @@ message costs one cattrs call however many entities it carries:
 - acquire / border item: ``[record, ghost_targets]``
 - event: ``[target, sender, seq, name, data]``
 - spawn: ``[parent, seq, kind, x, y, z, state]``
-- error: ``[entity_id, text]``
+- error: ``[entity_id, where, text]`` (``where``: the plugin function and line, or "")
+- input error: ``[entity_id, seq, where, text]`` (``seq``: the input event's sequence)
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class Step:
 
     Applied in this order: releases (owned entities handed to another
     worker by a new layout), the new layout, ghost removals, ghost upserts,
-    acquisitions, freezes (quarantined entities stop running), then events
-    are delivered during the tick.
+    acquisitions, freezes (quarantined entities stop running), unfreezes
+    (an operator released them), then events are delivered during the tick.
     With ``checkpoint`` the reply carries every entity changed since the last
     checkpoint, so the core then holds the whole world at ``tick``.
     """
@@ -88,6 +89,7 @@ class Step:
     acquire: Bulk = attrs.field(factory=list)
     events: Bulk = attrs.field(factory=list)
     freeze: Bulk = attrs.field(factory=list)
+    unfreeze: Bulk = attrs.field(factory=list)
     checkpoint: bool = False
     watch: Bulk | None = None
     """When set: the cells (``[cx, cy]``, side ``watch_cell``) where players look; every
@@ -120,8 +122,10 @@ class Reply:
     ``border`` holds changed entities that some other worker must see as a
     ghost (or no longer see); ``handoff`` the entities that left this
     worker's partitions; ``dirty`` (checkpoints only) every other entity
-    changed since the last checkpoint. ``counts`` and ``cost_ms`` are per
-    partition.
+    changed since the last checkpoint. ``errors`` are entities whose tick
+    failed (they kept their previous state); ``input_errors`` player inputs
+    that failed on their own (undone; the entity ticked on). ``counts`` and
+    ``cost_ms`` are per partition.
     """
 
     tick: int
@@ -134,6 +138,7 @@ class Reply:
     events: Bulk = attrs.field(factory=list)
     dirty: Bulk = attrs.field(factory=list)
     errors: Bulk = attrs.field(factory=list)
+    input_errors: Bulk = attrs.field(factory=list)
     counts: dict[str, int] = attrs.field(factory=dict)
     cost_ms: dict[str, float] = attrs.field(factory=dict)
     cpu_ms: float = 0.0

@@ -33,7 +33,9 @@ WorldHook = Callable[["WorldBuilder"], None]
 PlayerHook = Callable[[str, "WorldBuilder"], None]
 
 INPUT_PREFIX = "input:"
-"""Player inputs travel as events named ``input:<action>``, sent by entity 0 (the gateway)."""
+"""Player inputs travel as events named ``input:<action>``, sent by ``GATEWAY``."""
+GATEWAY = 0
+"""The sender of player inputs (entity ids start at 1)."""
 JOIN, LEAVE = "join", "leave"
 """Inputs the gateway sends itself when a player connects or disconnects."""
 

@@ -9,6 +9,7 @@ executable form. Everything wrong with received bytes raises
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -31,10 +32,26 @@ MAX_CLIENT_FRAME = 16 * 1024
 """Bytes a client frame may declare; anything larger closes the connection."""
 MAX_NAME = 32
 MAX_SECRET = 128
+MAX_INPUT = 1024
+"""Body bytes of one ``Input``: a command, not a payload."""
+MAX_ARGS_DEPTH = 8
+"""Nesting allowed in ``Input.args``, far inside what a worker decodes."""
 
 
 class ProtocolError(WireError):
     """A client sent something the protocol does not allow."""
+
+
+class InputRefused(ProtocolError):
+    """A well-formed ``Input`` whose arguments the server refuses.
+
+    The client gets ``Error{code: "bad_input"}`` and the connection stays.
+    """
+
+    def __init__(self, seq: int, action: str, reason: str) -> None:
+        super().__init__(f"input {seq} ({action}): {reason}")
+        self.seq = seq
+        self.action = action
 
 
 # -- client -> server ----------------------------------------------------
@@ -78,6 +95,7 @@ class Welcome:
     rate: float
     world_size: float
     view_radius: float
+    view_every: int
 
 
 @attrs.define
@@ -118,20 +136,61 @@ SERVER_MESSAGES = (Welcome, View, Pong, Error)
 _INPUT_KEYS = ({"type", "seq", "action", "args"}, {"type", "seq", "action"})
 
 
+def check_args(value: Any, path: str = "", depth: int = 0) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` may go to a worker.
+
+    Arguments hold ``None``, booleans, integers, finite floats, strings,
+    bytes, lists and maps, nested at most ``MAX_ARGS_DEPTH`` deep (the
+    decoder already refused tags, non-string keys and integers beyond 64
+    bits). Whatever passes decodes in a worker's ``Step`` (a test holds it).
+    """
+    kind = type(value)
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"argument {path} is {value}: numbers must be finite")
+    elif kind is dict or kind is list:
+        if depth >= MAX_ARGS_DEPTH:
+            raise ValueError(f"argument {path} nests deeper than {MAX_ARGS_DEPTH} levels")
+        items = value.items() if kind is dict else enumerate(value)
+        for key, item in items:
+            check_args(item, f"{path}.{key}" if kind is dict else f"{path}[{key}]", depth + 1)
+
+
+def _checked_input(body: bytes, message: Input) -> Input:
+    if len(body) > MAX_INPUT:
+        raise InputRefused(
+            message.seq, message.action, f"{len(body)} bytes; an input is at most {MAX_INPUT}"
+        )
+    try:
+        for name, value in message.args.items():
+            check_args(value, name, 1)
+    except ValueError as exc:
+        raise InputRefused(message.seq, message.action, str(exc)) from None
+    return message
+
+
 def decode_client(body: bytes) -> Login | Input | Ping:
-    """Decode one client frame body; raises :class:`ProtocolError` on anything else."""
+    """Decode one client frame body.
+
+    Raises :class:`InputRefused` for a well-formed ``Input`` with arguments
+    the server does not take, :class:`ProtocolError` for anything else wrong.
+    """
     try:
         data = decode_cbor(body)
         # Every player sends ten inputs a second: a well-formed one is checked
         # here by hand, skipping the generic structuring (~40% of the decode);
         # anything unusual takes the generic path and its detailed errors.
+        message = None
         if type(data) is dict and data.get("type") == "Input" and data.keys() in _INPUT_KEYS:
             seq, action, args = data["seq"], data["action"], data.get("args", {})
             if type(seq) is int and type(action) is str and type(args) is dict:
-                return Input(seq, action, args)
-        message = structure_message(data, CLIENT_MESSAGES)
+                message = Input(seq, action, args)
+        if message is None:
+            message = structure_message(data, CLIENT_MESSAGES)
     except WireError as exc:
         raise ProtocolError(str(exc)) from None
+    if isinstance(message, Input):
+        return _checked_input(body, message)
     if isinstance(message, Login):
         if not 1 <= len(message.name) <= MAX_NAME or not message.name.isprintable():
             raise ProtocolError(f"name must be 1-{MAX_NAME} printable characters")

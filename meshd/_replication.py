@@ -23,7 +23,7 @@ import attrs
 
 from meshd._layout import Layout, sorted_leaves
 from meshd._messages import Reply, Restore, Step, WorldParams
-from meshd._plugin import PluginSet
+from meshd._plugin import GATEWAY, PluginSet
 from meshd._snapshot import Delta, Row, WorldSnapshot, to_row, world_hash
 
 
@@ -37,6 +37,7 @@ class Outbox:
     acquire: list[list[Any]] = attrs.field(factory=list)
     events: list[list[Any]] = attrs.field(factory=list)
     freeze: list[int] = attrs.field(factory=list)
+    unfreeze: list[int] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -58,7 +59,10 @@ class Checkpoint:
 class CommitReport:
     """What a commit noticed that the shell should log or count."""
 
-    errors: list[tuple[int, int, str]] = attrs.field(factory=list)
+    errors: list[tuple[int, int, str, str]] = attrs.field(factory=list)
+    """(worker, entity, where, error) of entities whose tick failed."""
+    input_errors: list[tuple[int, int, str, str]] = attrs.field(factory=list)
+    """(entity, input event seq, where, error) of player inputs that failed."""
     quarantined: list[int] = attrs.field(factory=list)
     dropped_events: int = 0
     handoffs: int = 0
@@ -143,6 +147,7 @@ class Replication:
                 acquire=box.acquire,  # type: ignore[arg-type]
                 events=box.events,  # type: ignore[arg-type]
                 freeze=box.freeze,  # type: ignore[arg-type]
+                unfreeze=box.unfreeze,  # type: ignore[arg-type]
                 checkpoint=checkpoint,
             )
             self.outboxes[worker] = Outbox()
@@ -173,8 +178,11 @@ class Replication:
                 report.handoffs += 1
             for record in reply.dirty:
                 self._set_record(record)
-            for entity_id, text in reply.errors:
-                report.errors.append((reply.worker, entity_id, text))
+            for entity_id, where, text in reply.errors:
+                report.errors.append((reply.worker, entity_id, where, text))
+            if reply.input_errors:
+                self._forget_failed_inputs(reply)
+                report.input_errors.extend(map(tuple, reply.input_errors))
             spawns.extend(reply.spawns)
             events.extend(reply.events)
             self.counts.update(reply.counts)
@@ -195,6 +203,22 @@ class Replication:
             self.checkpoint_tick = tick
             self.checkpoint = self._take_checkpoint()
         return report
+
+    def _forget_failed_inputs(self, reply: Reply) -> None:
+        """Drop inputs that failed from the step log: a replay must not run them again.
+
+        A failed input was undone entirely (state, emissions, randomness), so
+        a replay without it reaches the same state, and never meets whatever
+        made it fail (a handler that ran out of memory, say) a second time.
+        """
+        log = self.step_log.get(reply.worker)
+        if not log or log[-1].tick != reply.tick:
+            return
+        failed = {seq for _entity, seq, _where, _text in reply.input_errors}
+        step = log[-1]
+        step.events = [  # type: ignore[assignment]
+            event for event in step.events if not (event[1] == GATEWAY and event[2] in failed)
+        ]
 
     # -- players --------------------------------------------------------
 
@@ -355,18 +379,46 @@ class Replication:
         is spent): its entities freeze as the core last knew them (the last
         checkpoint, or a later border report), entities that walk into its
         partitions freeze there, events sent to them are dropped, and the
-        other workers keep seeing them as ghosts. Lasts until the core
-        restarts.
+        other workers keep seeing them as ghosts. Lasts until an operator
+        releases them (:meth:`bring_up`) or the core restarts.
         """
         self.down.add(worker)
         self.step_log[worker].clear()
         self.outboxes[worker] = Outbox()
         return sorted_leaves(self.layout.leaves_of(worker))
 
+    def release_entities(self, entity_ids: Iterable[int]) -> list[int]:
+        """Run quarantined entities again from the next step on; return those released."""
+        released = []
+        for entity_id in sorted(set(entity_ids)):
+            if entity_id in self.quarantined:
+                self.quarantined.discard(entity_id)
+                self.error_streaks.pop(entity_id, None)
+                owner = self.owner[entity_id]
+                if owner not in self.down:
+                    self.outboxes[owner].unfreeze.append(entity_id)
+                released.append(entity_id)
+        return released
+
+    def bring_up(self, worker: int) -> Restore:
+        """Simulate ``worker``'s quarantined partitions again; the ``Restore`` for its new process.
+
+        Called right after a checkpoint commit, when the core holds all of
+        ``S(T)``: the new process starts from the world as it is now (the
+        slot's entities as they froze, and those that walked in since).
+        """
+        if self.checkpoint_tick != self.tick:
+            raise RuntimeError("partitions can only come back right after a checkpoint commit")
+        self.down.discard(worker)
+        self.outboxes[worker] = Outbox()  # arrivals queued while down are in the restore
+        self.checkpoint = self._take_checkpoint()
+        restore, _log = self.recovery(worker)
+        return restore
+
     def _count_errors(self, report: CommitReport) -> None:
         """Quarantine entities whose systems failed ``quarantine_after`` ticks in a row."""
         streaks = {}
-        for _worker, entity_id, _text in report.errors:
+        for _worker, entity_id, _where, _text in report.errors:
             streak = streaks[entity_id] = self.error_streaks.get(entity_id, 0) + 1
             if streak >= self.quarantine_after and entity_id not in self.quarantined:
                 self.quarantined.add(entity_id)

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import random
 import time
+import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from meshd._layout import Layout, clamp
 from meshd._messages import Reply, Restore, Step, WorldParams
-from meshd._plugin import EventHandler, KindCodec, PluginSet, System
+from meshd._plugin import GATEWAY, EventHandler, KindCodec, PluginSet, System
 from meshd._wire import check_wire_value
 
 _MASK64 = (1 << 64) - 1
@@ -195,6 +197,18 @@ class Context:
         self._sent = self._spawned = 0
         self.settings = self._plugins.kind_settings[entity.kind]
 
+    def save(self) -> tuple[Any, int, int]:
+        """What :meth:`restore` needs to undo one player input's randomness and emissions."""
+        return (None if self._rng is None else self._rng.getstate()), self._sent, self._spawned
+
+    def restore(self, saved: tuple[Any, int, int]) -> None:
+        rng_state, self._sent, self._spawned = saved
+        if rng_state is None:
+            self._rng = None
+        else:
+            assert self._rng is not None
+            self._rng.setstate(rng_state)
+
     @property
     def rng(self) -> TickRng:
         """Deterministic randomness for this entity on this tick."""
@@ -250,18 +264,8 @@ class Context:
             raise TypeError(f"state of a {kind} must be a {codec.cls.__name__}")
         values = codec.to_wire(state)
         check_wire_value(values)
-        size = self.world_size
-        self.spawns.append(
-            [
-                me.id,
-                self._spawned,
-                kind,
-                clamp(float(x), size),
-                clamp(float(y), size),
-                float(z),
-                values,
-            ]
-        )
+        x, y, z = finite_position(x, y, z, self.world_size)
+        self.spawns.append([me.id, self._spawned, kind, x, y, z, values])
         self._spawned += 1
 
     def despawn(self) -> None:
@@ -279,44 +283,119 @@ def run_entity(
     systems: Sequence[System],
     codec: KindCodec,
     max_step: float,
-) -> str | None:
-    """Run one entity's event handlers and systems; return an error text or None.
+    input_seqs: Sequence[int] = (),
+    failed_inputs: list[list[Any]] | None = None,
+) -> list[str] | None:
+    """Run one entity's event handlers and systems; ``[where, error]`` or None.
 
-    On any plugin error (including a move faster than ``max_step`` or a new
-    state that cannot cross the wire) the entity keeps its previous state and
-    everything it emitted this tick is withdrawn, so a faulty entity cannot
-    corrupt others or the worker's reply.
+    On any plugin error (including a move faster than ``max_step``, a
+    position that is not finite or a new state that cannot cross the wire)
+    the entity keeps its previous state and everything it emitted this tick
+    is withdrawn, so a faulty entity cannot corrupt others or the worker's
+    reply. ``where`` names the plugin function and its innermost line that
+    failed ("" when meshd's own checks refused the outcome).
+
+    The first ``len(input_seqs)`` events of ``inbox`` are player inputs (the
+    gateway's events sort first), with those step sequence numbers. Each
+    runs on its own: a failing input is undone alone (state, emissions,
+    randomness drawn) and reported in ``failed_inputs`` as ``[entity id,
+    seq, where, error]``; it is the input's failure, not the entity's.
     """
     ctx.begin(entity, prev)
     marks = len(ctx.events), len(ctx.spawns)
     try:
-        for event in inbox:
-            handlers[event.name](entity, event, ctx)
+        for index, event in enumerate(inbox):
+            if index < len(input_seqs):
+                failure = _run_input(entity, prev, event, ctx, handlers, codec, max_step)
+                if failure is not None and failed_inputs is not None:
+                    failed_inputs.append([entity.id, input_seqs[index], *failure])
+            else:
+                handlers[event.name](entity, event, ctx)
         for system in systems:
             system(entity, ctx)
-        if entity.x != prev.x or entity.y != prev.y or entity.z != prev.z:
-            if math.hypot(entity.x - prev.x, entity.y - prev.y) > max_step:
-                raise ValueError(
-                    f"moved {math.hypot(entity.x - prev.x, entity.y - prev.y):.3f} m in one "
-                    f"tick, more than its kind's max_speed allows ({max_step:.3f} m)"
-                )
-            size = ctx.world_size
-            entity.x = clamp(float(entity.x), size)
-            entity.y = clamp(float(entity.y), size)
-            entity.z = float(entity.z)
-            if not math.isfinite(entity.z):
-                raise ValueError("z is not finite")
-        if entity.state is not prev.state:
-            if type(entity.state) is not codec.cls:
-                raise TypeError(f"state must stay a {codec.cls.__name__}")
-            check_wire_value(codec.to_wire(entity.state))
-    except Exception as exc:
+        _check_outcome(entity, prev, ctx, codec, max_step)
+    except (Exception, SystemExit) as exc:
         entity.x, entity.y, entity.z, entity.state = prev.x, prev.y, prev.z, prev.state
         del ctx.events[marks[0] :]
         del ctx.spawns[marks[1] :]
         ctx.despawned.discard(entity.id)
-        return f"{type(exc).__name__}: {exc}"
+        return describe_failure(exc)
     return None
+
+
+def _run_input(
+    entity: Entity,
+    prev: View,
+    event: Event,
+    ctx: Context,
+    handlers: dict[str, EventHandler],
+    codec: KindCodec,
+    max_step: float,
+) -> list[str] | None:
+    """One player input on its own; undone entirely if it fails (``[where, error]``)."""
+    before = entity.x, entity.y, entity.z, entity.state
+    marks = len(ctx.events), len(ctx.spawns)
+    despawned = entity.id in ctx.despawned
+    saved = ctx.save()
+    try:
+        handlers[event.name](entity, event, ctx)
+        _check_outcome(entity, prev, ctx, codec, max_step)
+    except (Exception, SystemExit) as exc:
+        entity.x, entity.y, entity.z, entity.state = before
+        del ctx.events[marks[0] :]
+        del ctx.spawns[marks[1] :]
+        if not despawned:
+            ctx.despawned.discard(entity.id)
+        ctx.restore(saved)
+        return describe_failure(exc)
+    return None
+
+
+def _check_outcome(
+    entity: Entity, prev: View, ctx: Context, codec: KindCodec, max_step: float
+) -> None:
+    """Refuse what a plugin may not do to its entity; clamp the position into the world."""
+    if entity.x != prev.x or entity.y != prev.y or entity.z != prev.z:
+        x, y, z = float(entity.x), float(entity.y), float(entity.z)
+        if math.hypot(x - prev.x, y - prev.y) > max_step:
+            raise ValueError(
+                f"moved {math.hypot(x - prev.x, y - prev.y):.3f} m in one "
+                f"tick, more than its kind's max_speed allows ({max_step:.3f} m)"
+            )
+        entity.x, entity.y, entity.z = finite_position(x, y, z, ctx.world_size)
+    if entity.state is not prev.state:
+        if type(entity.state) is not codec.cls:
+            raise TypeError(f"state must stay a {codec.cls.__name__}")
+        check_wire_value(codec.to_wire(entity.state))
+
+
+def describe_failure(exc: BaseException) -> list[str]:
+    """``[where, error]`` of an exception raised by plugin code under :func:`run_entity`.
+
+    ``where`` is the plugin function that was called and the innermost line
+    of the plugin's own code (its folder), e.g. ``"patron (plugins/tavern.py:142)"``;
+    empty when the exception came from meshd's checks of the outcome.
+    """
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    where = ""
+    if len(frames) > 1:
+        called = frames[1][0].f_code
+        home = os.path.dirname(called.co_filename)
+        if os.path.dirname(__file__) != home:
+            path, line = called.co_filename, frames[1][1]
+            for frame, lineno in frames[2:]:
+                if os.path.dirname(frame.f_code.co_filename) == home:
+                    path, line = frame.f_code.co_filename, lineno
+            where = f"{called.co_qualname} ({path}:{line})"
+    return [where, f"{type(exc).__name__}: {exc}"]
+
+
+def finite_position(x: float, y: float, z: float, size: float) -> tuple[float, float, float]:
+    """``(x, y, z)`` as floats with x and y clamped into the world; ``ValueError`` if not finite."""
+    x, y, z = float(x), float(y), float(z)
+    if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
+        raise ValueError(f"position ({x}, {y}, {z}) is not finite")
+    return clamp(x, size), clamp(y, size), z
 
 
 def snapshot_views(
@@ -335,15 +414,22 @@ def snapshot_views(
     return prev, index
 
 
-def group_events(events: Iterable[Sequence[Any]]) -> dict[int, list[Event]]:
-    """Events per target, each target's sorted by (sender, sequence)."""
+def group_events(
+    events: Iterable[Sequence[Any]],
+) -> tuple[dict[int, list[Event]], dict[int, list[int]]]:
+    """Events per target, each target's sorted by (sender, sequence); and per target,
+    the sequence numbers of its player inputs (sent by ``GATEWAY``, so they come first)."""
     inbox: dict[int, list[Any]] = {}
     for target, sender, seq, name, data in events:
         inbox.setdefault(target, []).append((sender, seq, name, data))
-    return {
-        target: [Event(sender, name, data) for sender, _seq, name, data in sorted(items)]
-        for target, items in inbox.items()
-    }
+    grouped, inputs = {}, {}
+    for target, items in inbox.items():
+        items.sort()
+        grouped[target] = [Event(sender, name, data) for sender, _seq, name, data in items]
+        seqs = [seq for sender, seq, _name, _data in items if sender == GATEWAY]
+        if seqs:
+            inputs[target] = seqs
+    return grouped, inputs
 
 
 class WorldBuilder:
@@ -368,16 +454,7 @@ class WorldBuilder:
         state = codec.cls() if state is None else state
         values = codec.to_wire(state)
         check_wire_value(values)
-        self.records.append(
-            [
-                entity_id,
-                kind,
-                clamp(float(x), self.size),
-                clamp(float(y), self.size),
-                float(z),
-                values,
-            ]
-        )
+        self.records.append([entity_id, kind, *finite_position(x, y, z, self.size), values])
         return entity_id
 
 
@@ -483,6 +560,7 @@ class WorkerSim:
             if targets:
                 self.targets[entity.id] = tuple(targets)
         self.frozen.update(step.freeze)
+        self.frozen.difference_update(step.unfreeze)
         if step.watch is not None:
             self._set_watch(step.watch, step.watch_cell)
 
@@ -537,7 +615,7 @@ class WorkerSim:
 
         prev, index = snapshot_views(self.entities.values(), self.ghosts.values(), self.world.halo)
         ctx = Context(plugins, self.world, step.tick, index)
-        inbox = group_events(step.events)
+        inbox, input_seqs = group_events(step.events)
         handlers, systems, codecs = plugins.handlers, plugins.systems, plugins.codecs
         max_step = ctx.max_step
         owners, targets, dirty, worker = layout.owners, self.targets, self.dirty, self.worker
@@ -563,9 +641,11 @@ class WorkerSim:
                     systems[entity.kind],
                     codecs[entity.kind],
                     max_step[entity.kind],
+                    input_seqs.get(entity.id, ()),
+                    reply.input_errors,
                 )
                 if error is not None:
-                    reply.errors.append([entity.id, error])
+                    reply.errors.append([entity.id, *error])
                     continue
                 if entity.id in despawned:
                     leaving.append((entity, leaf))

@@ -42,8 +42,8 @@ class Delta:
     upserts: list[list[Any]]
     deletes: list[int]
     quarantined: list[int] = attrs.field(factory=list)
-    players: list[tuple[str, bytes, bytes, int]] = attrs.field(factory=list)
-    """New player claims: (name, salt, secret hash, entity id)."""
+    players: list[tuple[str, int]] = attrs.field(factory=list)
+    """Players' new entities: (name, entity id); their accounts are already stored."""
 
 
 def encode_state(fields: Sequence[str], values: Sequence[Any]) -> bytes:

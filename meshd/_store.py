@@ -1,7 +1,8 @@
 """SQLite persistence: whole ticks only, written by one thread.
 
-The database holds ``entity`` rows and a ``meta`` table (tick, seed, next id,
-pending events). Each :class:`Delta` is one ``BEGIN IMMEDIATE ... COMMIT``
+The database holds ``entity`` rows, a ``meta`` table (tick, seed, next id,
+pending events) and the ``player`` accounts (name, salt, secret hash,
+hashing parameters, entity). Each :class:`Delta` is one ``BEGIN IMMEDIATE ... COMMIT``
 transaction that also moves ``meta.tick``, so a reader always sees a whole
 tick. The connection is created with ``check_same_thread=False`` because the
 core drives it from worker threads; callers must serialise calls (the core
@@ -10,6 +11,7 @@ runs one writer task).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,9 +37,12 @@ CREATE TABLE IF NOT EXISTS player (
     name TEXT PRIMARY KEY,
     salt BLOB NOT NULL,
     hash BLOB NOT NULL,
-    entity INTEGER NOT NULL
+    entity INTEGER NOT NULL,
+    kdf TEXT NOT NULL DEFAULT ''
 );
 """
+NO_ENTITY = 0
+"""``player.entity`` of a name claimed before its entity reached the database."""
 
 
 class StoreError(Exception):
@@ -65,11 +70,18 @@ class Store:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
                 self.db.executescript(_SCHEMA)
+                if "kdf" not in self._columns("player"):
+                    # Written before hashing parameters were stored with each account:
+                    # '' stands for the configured gateway.hash_cost (upgraded at login).
+                    self.db.execute("ALTER TABLE player ADD COLUMN kdf TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open world database {path}: {exc}") from exc
 
     def close(self) -> None:
         self.db.close()
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
 
     def meta(self) -> dict[str, Any]:
         try:
@@ -97,12 +109,26 @@ class Store:
             "SELECT id, kind, x, y, z, state FROM entity WHERE id = ?", (entity_id,)
         ).fetchone()
 
-    def players(self) -> list[tuple[str, bytes, bytes, int]]:
-        """Every claimed player name: (name, salt, secret hash, entity id)."""
-        try:
-            return list(self.db.execute("SELECT name, salt, hash, entity FROM player"))
-        except sqlite3.OperationalError:
+    def players(self) -> list[tuple[str, bytes, bytes, int, str]]:
+        """Every claimed player name: (name, salt, secret hash, entity id, hashing parameters)."""
+        columns = self._columns("player")
+        if not columns:
             return []  # a database from before players existed, opened read-only
+        kdf = "kdf" if "kdf" in columns else "''"
+        return list(self.db.execute(f"SELECT name, salt, hash, entity, {kdf} FROM player"))
+
+    def put_account(self, name: str, salt: bytes, digest: bytes, kdf: str) -> None:
+        """Claim ``name`` (or change its secret's hash), durably, in its own transaction.
+
+        A new name gets no entity yet (:data:`NO_ENTITY`); its entity is
+        linked with the tick that holds it (``Delta.players``).
+        """
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO player VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                "SET salt = excluded.salt, hash = excluded.hash, kdf = excluded.kdf",
+                (name, salt, digest, NO_ENTITY, kdf),
+            )
 
     def write(self, delta: Delta, schema: Mapping[str, Sequence[str]]) -> None:
         """Write one whole tick in one transaction (all or nothing)."""
@@ -115,16 +141,25 @@ class Store:
             "events": delta.events,
             "quarantined": delta.quarantined,
         }
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO entity VALUES (?, ?, ?, ?, ?, ?)", rows)
             db.executemany("DELETE FROM entity WHERE id = ?", [(i,) for i in delta.deletes])
-            db.executemany("INSERT OR REPLACE INTO player VALUES (?, ?, ?, ?)", delta.players)
+            db.executemany(
+                "UPDATE player SET entity = ? WHERE name = ?",
+                [(entity, name) for name, entity in delta.players],
+            )
             db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [(key, cbor2.dumps(value)) for key, value in meta.items()],
             )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE ... COMMIT``, rolled back if anything fails."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
             db.execute("COMMIT")
         except BaseException:
             # SQLite has already rolled back after some errors (disk full, I/O).

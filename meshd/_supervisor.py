@@ -112,6 +112,8 @@ class Supervisor:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="meshd-"))  # created 0700
         self.socket_path = self.runtime_dir / "core.sock"
         self.links: dict[int, WorkerLink] = {}
+        self._starting: set[trio.Process] = set()
+        """Processes started and not yet ready (stopped with the rest)."""
         self._epochs: dict[int, int] = {}
         self._pending: dict[tuple[int, int], tuple[str, trio.MemorySendChannel[Any]]] = {}
         self._listener: trio.SocketListener | None = None
@@ -195,21 +197,25 @@ class Supervisor:
             start_new_session=True,
             stdin=subprocess.DEVNULL,
         )
-        with trio.move_on_after(STARTUP_TIMEOUT) as scope:
-            stream, hello, decoder = await receive.receive()
-        if scope.cancelled_caught:
-            self._pending.pop((worker, epoch), None)
-            self._kill(process)
-            raise WorkerFailed(worker, f"did not connect within {STARTUP_TIMEOUT} s")
-        decoder.max_frame = WORKER_FRAME_CAP
-        link = WorkerLink(worker, epoch, hello.pid, process, stream, decoder)
+        self._starting.add(process)
         try:
-            await link.send(self.init)
-            await link.receive((Ready,))
-        except WorkerFailed:
-            self._kill(process)
-            raise
-        return link
+            with trio.move_on_after(STARTUP_TIMEOUT) as scope:
+                stream, hello, decoder = await receive.receive()
+            if scope.cancelled_caught:
+                self._pending.pop((worker, epoch), None)
+                self._kill(process)
+                raise WorkerFailed(worker, f"did not connect within {STARTUP_TIMEOUT} s")
+            decoder.max_frame = WORKER_FRAME_CAP
+            link = WorkerLink(worker, epoch, hello.pid, process, stream, decoder)
+            try:
+                await link.send(self.init)
+                await link.receive((Ready,))
+            except WorkerFailed:
+                self._kill(process)
+                raise
+            return link
+        finally:
+            self._starting.discard(process)
 
     async def replace(self, worker: int) -> WorkerLink:
         """Kill ``worker``'s current incarnation (its whole process group) and start the next.
@@ -268,6 +274,17 @@ class Supervisor:
     def _reap(self, process: trio.Process) -> None:
         self._nursery.start_soon(process.wait)
 
+    async def revive(self, worker: int) -> WorkerLink:
+        """Start slot ``worker`` again after its partitions were quarantined.
+
+        An operator asked for it (the fault is believed fixed), so the slot's
+        restart history starts over.
+        """
+        self._restarts.pop(worker, None)
+        if self.spares:
+            return await self.add_worker(worker)
+        return await self.start_worker(worker)
+
     async def start_all(self, workers: Iterable[int]) -> None:
         async with trio.open_nursery() as nursery:
             for worker in workers:
@@ -279,7 +296,10 @@ class Supervisor:
             os.killpg(process.pid, signal.SIGKILL)
 
     async def stop_all(self, grace: float = 2.0) -> None:
-        """Close every link (workers exit on EOF), then kill what is left."""
+        """Close every link (workers exit on EOF), then kill what is left, and any
+        process still starting."""
+        for process in self._starting:
+            self._kill(process)
         everyone = [*self.links.values(), *self.spares]
         for link in everyone:
             await link.stream.aclose()

@@ -46,6 +46,9 @@ class Usage:
     merges: int = 0
     moves: int = 0
     handoffs: int = 0
+    """Entities that crossed from one worker to another as they moved."""
+    plan_handoffs: int = 0
+    """Entities re-homed because a plan changed the layout."""
     workers_started: int = 0
     workers_stopped: int = 0
     timeline: deque[Sample] = attrs.field(factory=lambda: deque(maxlen=TIMELINE_LENGTH))
@@ -57,9 +60,17 @@ class Usage:
         self.workers = self.peak_workers = workers
 
     def tick(
-        self, now: float, tick: int, workers: int, leaves: int, tick_ms: float, cpu_ms: float
+        self,
+        now: float,
+        tick: int,
+        workers: int,
+        leaves: int,
+        tick_ms: float,
+        cpu_ms: float,
+        handoffs: int = 0,
     ) -> None:
         """Account the wall time since the last tick to the workers that were live."""
+        self.handoffs += handoffs
         self.worker_seconds += (now - self.last) * self.workers
         self.last = now
         self.workers = workers
@@ -74,7 +85,7 @@ class Usage:
         self.splits += len(plan.splits)
         self.merges += len(plan.merges)
         self.moves += len(plan.moves)
-        self.handoffs += handoffs
+        self.plan_handoffs += handoffs
         self.workers_started += len(plan.started)
         self.workers_stopped += len(plan.stopped)
 
@@ -101,6 +112,7 @@ class Usage:
             "moves": self.moves,
             "handoffs": self.handoffs,
             "handoffs_per_s": round(self.handoffs / elapsed, 3) if elapsed else 0.0,
+            "plan_handoffs": self.plan_handoffs,
             "workers_started": self.workers_started,
             "workers_stopped": self.workers_stopped,
         }

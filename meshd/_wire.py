@@ -11,6 +11,7 @@ and nothing else, so a shell can close the one offending connection.
 from __future__ import annotations
 
 import io
+import math
 import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -71,13 +72,20 @@ def check_wire_value(value: Any, depth: int = 0) -> None:
     """Raise ``ValueError`` unless ``value`` crosses a process boundary unchanged.
 
     Plugin data (entity state, event data) may hold ``None``, booleans,
-    64-bit integers, floats, strings, bytes, lists, tuples (they arrive as
-    lists) and dicts with string keys, nested at most ``MAX_VALUE_DEPTH``
-    deep. Checked where the plugin produced the value, so a bad value fails
-    that one entity's tick instead of a whole worker's reply.
+    64-bit integers, finite floats, strings, bytes, lists, tuples (they
+    arrive as lists) and dicts with string keys, nested at most
+    ``MAX_VALUE_DEPTH`` deep. Checked where the plugin produced the value, so
+    a bad value fails that one entity's tick instead of a whole worker's
+    reply. NaN and infinity are refused: NaN is unequal to itself, so a
+    record holding one would look changed on every tick, and an infinite
+    velocity is a teleport.
     """
     kind = type(value)
-    if kind is float or kind is str or kind is bool or value is None:
+    if kind is str or kind is bool or value is None:
+        return
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number")
         return
     if kind is int:
         if value not in WIRE_INT_RANGE:

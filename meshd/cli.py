@@ -39,7 +39,7 @@ inspect_app = typer.Typer(
 app.add_typer(inspect_app, name="inspect")
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # one error, one line, however long
 
 ConfigOption = Annotated[
     Path | None,
@@ -272,6 +272,44 @@ def inspect_world(
         except StoreError as store_exc:
             raise _fail(str(store_exc), 1) from None
     _print_json(result) if as_json else _pairs(result, "world")
+
+
+@app.command("release")
+def release_command(
+    entity: Annotated[
+        list[int] | None,
+        typer.Option("--entity", metavar="ID", help="A quarantined entity (repeatable)."),
+    ] = None,
+    partitions: Annotated[
+        bool,
+        typer.Option(
+            "--partitions", help="Every quarantined partition (its worker slot starts again)."
+        ),
+    ] = False,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Every quarantined entity and partition.")
+    ] = False,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run what was quarantined again, without a restart (once the plugin is fixed).
+
+    Only the daemon's own user may do this; the daemon logs who did.
+    """
+    if not (entity or partitions or everything):
+        raise _fail("nothing to release: give --entity ID, --partitions or --all", 2)
+    result = _ask(
+        config,
+        data,
+        _admin.AdminRequest(
+            "release",
+            entities=entity or [],
+            all_entities=everything,
+            partitions=partitions or everything,
+        ),
+    )
+    _print_json(result) if as_json else _pairs(result, "released")
 
 
 @app.command("bench")

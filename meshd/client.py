@@ -3,11 +3,14 @@
     async with await meshd.client.connect("127.0.0.1", 7777, "ada", "s3cret") as player:
         await player.send("move", dx=1.0, dy=0.0)
         async for view in player.views():
-            print(view.tick, player.world[player.entity])
+            me = player.world[player.entity]
+            print(view.tick, me.x, me.y, me.state["vx"])
 
-:class:`Player` keeps ``world``, the entities currently in view, up to date
-from the view updates it yields. Errors from the server raise
-:class:`ServerError`; a dropped connection raises :class:`ConnectionLost`.
+:class:`Player` keeps ``world``, the entities currently in view by id (each
+an :class:`Entity`), up to date from the view updates it yields. An error that
+ends the connection raises :class:`ServerError`; ``bad_input`` (an input
+refused or undone, the connection stays) is collected in ``bad_inputs``; a
+dropped connection raises :class:`ConnectionLost`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import trio
 
 from meshd._protocol import (
@@ -49,6 +53,22 @@ class ConnectionLost(Exception):
     """The server closed the connection without an ``Error``."""
 
 
+@attrs.define
+class Entity:
+    """An entity in view: where it is, and its state (the plugin's fields by name).
+
+    The state stays apart from the position, so a plugin field called ``x``
+    or ``kind`` is ``entity.state["x"]`` and never hides ``entity.x``.
+    """
+
+    id: int
+    kind: str
+    x: float
+    y: float
+    z: float
+    state: dict[str, Any]
+
+
 class Player:
     """One logged-in connection."""
 
@@ -56,13 +76,16 @@ class Player:
         self.stream = stream
         self.welcome = welcome
         self.entity = welcome.player
-        self.world: dict[int, dict[str, Any]] = {}
+        self.world: dict[int, Entity] = {}
         self.tick = welcome.tick
         self._decoder = decoder
         self._seq = itertools.count(1)
         self._pings: dict[int, float] = {}
         self.rtts: list[float] = []
         """Round-trip times of answered pings, in milliseconds."""
+        self.bad_inputs: list[str] = []
+        """The server's messages about inputs it refused or that failed (``bad_input``):
+        each was ignored or undone, and the connection stays."""
 
     async def __aenter__(self) -> Player:
         return self
@@ -86,6 +109,9 @@ class Player:
         """View updates, applied to ``world`` before each is yielded."""
         while True:
             message = await _receive(self.stream, self._decoder)
+            if isinstance(message, Error):  # only bad_input comes back: the rest raise
+                self.bad_inputs.append(message.message)
+                continue
             if isinstance(message, Pong):
                 sent = self._pings.pop(message.id, None)
                 if sent is not None:
@@ -104,10 +130,9 @@ class Player:
                 entity_id, x, y, z = item
                 known = self.world.get(entity_id)
                 if known is not None:
-                    known.update(x=x, y=y, z=z)
+                    known.x, known.y, known.z = x, y, z
                 continue
-            entity_id, kind, x, y, z, state = item
-            self.world[entity_id] = {"id": entity_id, "kind": kind, "x": x, "y": y, "z": z, **state}
+            self.world[item[0]] = Entity(*item)
 
 
 async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
@@ -115,7 +140,7 @@ async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
         body = next(decoder.frames(), None)
         if body is not None:
             message = decode_server(body)
-            if isinstance(message, Error):
+            if isinstance(message, Error) and message.code != "bad_input":
                 raise ServerError(message)
             return message
         try:
@@ -136,6 +161,8 @@ async def connect(host: str, port: int, name: str, secret: str) -> Player:
         )
         decoder = FrameDecoder(SERVER_FRAME_CAP)
         welcome = await _receive(stream, decoder)
+        if isinstance(welcome, Error):
+            raise ServerError(welcome)
         if not isinstance(welcome, Welcome):
             raise ConnectionLost(f"expected a welcome, got {type(welcome).__name__}")
     except BaseException:

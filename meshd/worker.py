@@ -51,7 +51,10 @@ def _receive(sock: socket.socket, accepted: tuple[type, ...]) -> object:
 
 def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(socket_path)
+    try:
+        sock.connect(socket_path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return 0  # the core stopped while we were starting: nobody to work for
     send = sock.sendall
     send(frame(encode_message(Hello(worker=worker, epoch=epoch, token=token, pid=os.getpid()))))
     init = _receive(sock, (Init,))
@@ -81,7 +84,14 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
             sim.restore(message)
             continue
         assert isinstance(message, Step)
-        send(frame(encode_message(sim.step(message))))
+        try:
+            reply = sim.step(message)
+        except Exception as exc:
+            # Plugin errors are caught per entity and per input inside the step;
+            # what gets here is meshd's own fault, and the core must hear why.
+            send(frame(encode_message(Fatal(f"tick {message.tick} failed: {exc!r}"))))
+            raise
+        send(frame(encode_message(reply)))
         # While the core commits this tick, we are idle: collect now.
         collect_between_ticks(message.tick)
 

@@ -218,19 +218,26 @@ def player(me: Entity, ctx: Context) -> None:
         me.y += state.vy * ctx.dt
 
 
+def _number(event: Event, name: str) -> float:
+    """Argument ``name`` of a player's input (default 0). A wrong one raises an error
+    naming it: meshd undoes the input and sends the player that message."""
+    value = event.data.get(name, 0.0)
+    if type(value) not in (int, float):  # (the gateway already refused NaN and infinity)
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 def on_move(me: Entity, event: Event, ctx: Context) -> None:
     """``move {dx, dy}``: walk that way at full speed (0, 0 stops)."""
-    dx, dy = float(event.data.get("dx", 0.0)), float(event.data.get("dy", 0.0))
+    dx, dy = _number(event, "dx"), _number(event, "dy")
     length = math.hypot(dx, dy)
-    scale = PLAYER_SPEED / length if length > 1e-9 and math.isfinite(length) else 0.0
+    scale = PLAYER_SPEED / length if length > 1e-9 else 0.0
     me.state = attrs.evolve(me.state, vx=dx * scale, vy=dy * scale)
 
 
 def on_throw(me: Entity, event: Event, ctx: Context) -> None:
     """``throw {angle}``: a bottle flies off at ``angle`` radians."""
-    angle = float(event.data.get("angle", 0.0))
-    if not math.isfinite(angle):
-        raise ValueError("angle must be a finite number")
+    angle = _number(event, "angle")
     velocity = (math.cos(angle) * BOTTLE_SPEED, math.sin(angle) * BOTTLE_SPEED)
     ctx.spawn("bottle", me.x, me.y, state=Bottle(vx=velocity[0], vy=velocity[1], thrower=me.id))
 

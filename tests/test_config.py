@@ -26,7 +26,8 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
             "MESHD_WORLD_SEED": "2",
             "MESHD_TICK_RATE": "9",
             "MESHD_DATA_DIR": "/srv/w",
-            "MESHD_UNRELATED": "x",
+            "MESHD_CONFIG": "read by the command line",
+            "OTHER_THING": "x",
         },
         overrides={"world.seed": 3, "tick.rate": None},
     )
@@ -42,6 +43,36 @@ def test_plugin_tables_become_plugin_settings(tmp_path: Path) -> None:
     config = load_config(path, environ={})
     assert config.plugins.settings == {"tavern": {"npcs": 12}}
     assert config.plugin_dirs == [(tmp_path / "plugins").resolve()]
+
+
+def test_plugin_settings_come_from_the_environment_too(tmp_path: Path) -> None:
+    path = write(tmp_path, '[plugins]\nload = ["tavern", "my_game"]\n[plugins.tavern]\nnpcs = 12\n')
+    config = load_config(
+        path,
+        environ={
+            "MESHD_PLUGINS_TAVERN_NPCS": "5",
+            "MESHD_PLUGINS_TAVERN_THROW_CHANCE": "0.5",
+            "MESHD_PLUGINS_MY_GAME_MODE": "hard",
+        },
+    )
+    assert config.plugins.settings == {
+        "tavern": {"npcs": 5, "throw_chance": 0.5},
+        "my_game": {"mode": "hard"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("MESHD_WORLD_SED", "MESHD_WORLD_SED names no setting; did you mean MESHD_WORLD_SEED?"),
+        ("MESHD_NOTHING_LIKE_IT", "MESHD_NOTHING_LIKE_IT names no setting"),
+        ("MESHD_PLUGINS_SPACE_SHIPS", "MESHD_PLUGINS_SPACE_SHIPS names no loaded plugin"),
+    ],
+)
+def test_a_misspelt_environment_variable_is_an_error(variable: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, search_default=False, environ={variable: "9"})
+    assert expected in str(caught.value)
 
 
 def test_the_shipped_config_is_valid() -> None:

@@ -194,8 +194,10 @@ def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
                 await trio.sleep(0.5)
             assert status["gateway"]["kicked"] == {"flood": 1, "slow": 1}
             idle.close()
+            with trio.fail_after(60):
+                while len(seen) < 30:  # however fast the attacks went by
+                    await trio.sleep(0.1)
             stop.set()
-        assert len(seen) > 20
         assert seen == list(range(seen[0], seen[0] + len(seen)))  # the bystander missed nothing
 
     trio.run(main)
@@ -222,10 +224,10 @@ def test_a_player_and_a_dropped_mug_survive_a_restart(tmp_path: Path) -> None:
                 mugs = [
                     e
                     for e in player.world.values()
-                    if e["kind"] == "mug" and e["dropped_by"] == player.entity
+                    if e.kind == "mug" and e.state["dropped_by"] == player.entity
                 ]
                 me = player.world[player.entity]
-                if mugs and me["vx"] == 0.0:
+                if mugs and me.state["vx"] == 0.0:
                     return me, mugs[0]
         raise AssertionError("no mug")
 
@@ -241,7 +243,7 @@ def test_a_player_and_a_dropped_mug_survive_a_restart(tmp_path: Path) -> None:
     async def second_visit(address) -> tuple[dict, dict | None]:
         async with await client.connect(*address, "ada", "lovelace") as player:
             async for _view in player.views():
-                return player.world[player.entity], player.world.get(mug["id"])
+                return player.world[player.entity], player.world.get(mug.id)
         raise AssertionError("no view")
 
     daemon = start_daemon(config, "--rate", "30")
@@ -252,8 +254,8 @@ def test_a_player_and_a_dropped_mug_survive_a_restart(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         daemon.wait(timeout=10)
-    assert me_again["id"] == me["id"] and me_again["name"] == "ada"
-    assert (me_again["x"], me_again["y"]) == (me["x"], me["y"])  # where she left
+    assert me_again.id == me.id and me_again.state["name"] == "ada"
+    assert (me_again.x, me_again.y) == (me.x, me.y)  # where she left
     assert mug_again == mug  # the mug, exactly as it fell
 
 
@@ -288,8 +290,8 @@ def test_a_bot_crossing_workers_that_get_killed_sees_every_tick(tmp_path: Path) 
                         if me is None:
                             missing.append(view.tick)
                             continue
-                        owners.add(int(me["x"] // 40))  # which 4-worker strip it is in
-                        if (east and me["x"] > 95) or (not east and me["x"] < 65):
+                        owners.add(int(me.x // 40))  # which 4-worker strip it is in
+                        if (east and me.x > 95) or (not east and me.x < 65):
                             east = not east
                         if view.tick % 5 == 0:
                             await player.send("move", dx=1.0 if east else -1.0, dy=0.0)
@@ -313,12 +315,13 @@ def test_bots_command_reports_everyone_connected(tmp_path: Path, engine: str) ->
     async def where_is(name: str) -> float:
         async with await client.connect(host, port, name, f"{name}-secret") as player:
             async for _view in player.views():
-                return player.world[player.entity]["x"]
+                return player.world[player.entity].x
         raise AssertionError("no view")
 
     try:
         host, port = gateway_of(config)
         x_before = trio.run(where_is, "bot-1")
+        before, started = _status(config), time.monotonic()
         result = meshd(
             "bots",
             "--connect",
@@ -333,6 +336,7 @@ def test_bots_command_reports_everyone_connected(tmp_path: Path, engine: str) ->
             engine,
             "--json",
         )
+        tick_rate = (_status(config)["tick"] - before["tick"]) / (time.monotonic() - started)
         x_after = trio.run(where_is, "bot-1")
     finally:
         daemon.kill()
@@ -340,7 +344,8 @@ def test_bots_command_reports_everyone_connected(tmp_path: Path, engine: str) ->
     summary = json.loads(result.stdout)
     assert summary["connected"] == 30 and summary["disconnects"] == 0
     assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
-    assert summary["updates_per_s"] > 15 and summary["rtt_ms"]["p50"] > 0
+    # a view every tick, however fast the server ticks on this machine
+    assert summary["updates_per_s"] > 0.7 * tick_rate and summary["rtt_ms"]["p50"] > 0
     assert abs(x_after - x_before) > 5.0  # the bots really walked
 
 

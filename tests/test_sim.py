@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import textwrap
 from pathlib import Path
 
@@ -118,10 +120,12 @@ def test_a_failing_entity_keeps_its_state_and_the_world_goes_on(tmp_path: Path) 
     assert records[1][2] == pytest.approx(12.5) and list(records[1][5]) == [5]
     assert records[2][2] == 11.0 and list(records[2][5]) == [0]  # previous state kept
     assert records[3][2] == 12.0 and list(records[3][5]) == [0]  # too fast: refused
-    errors = [(entity, text) for r in reports for _w, entity, text in r.errors]
-    assert sorted({entity for entity, _ in errors}) == [2, 3]
-    assert any("boom" in text for _, text in errors)
-    assert any("max_speed" in text for _, text in errors)
+    errors = [(entity, where, text) for r in reports for _w, entity, where, text in r.errors]
+    assert sorted({entity for entity, _, _ in errors}) == [2, 3]
+    boom = FAULTY.splitlines().index('        raise RuntimeError("boom")') + 1
+    assert (2, f"walk ({tmp_path / 'faulty.py'}:{boom})", "RuntimeError: boom") in errors
+    too_fast = [(where, text) for entity, where, text in errors if entity == 3]
+    assert too_fast and all(not where and "max_speed" in text for where, text in too_fast)
     assert sum(r.dropped_events for r in reports) == 0
 
 
@@ -170,7 +174,7 @@ def test_state_that_cannot_cross_the_wire_fails_only_its_entity(tmp_path: Path) 
     assert records[1][2] == pytest.approx(13.0) and list(records[1][5]) == [6]
     assert records[2][2] == pytest.approx(51.0) and list(records[2][5]) == [2]  # kept tick 2's
     assert records[3][2] == pytest.approx(91.0) and list(records[3][5]) == [2]
-    errors = {entity: text for r in reports for _w, entity, text in r.errors}
+    errors = {entity: text for r in reports for _w, entity, _where, text in r.errors}
     assert "64 bits" in errors[2] and "set value cannot travel" in errors[3]
 
 
@@ -197,8 +201,8 @@ def test_looking_beyond_the_declared_reach_is_an_entity_error(tmp_path: Path) ->
     world = WorldParams(size=100.0, seed=1, dt=0.05, halo=5.0)
     mesh = InProcessMesh(plugins, world, Layout.grid(100.0, 5.0, 1, 1), new_world(plugins, world))
     report = mesh.tick()
-    assert {entity for _w, entity, _t in report.errors} == {1, 2, 3}
-    assert all("reach" in text for _w, _e, text in report.errors)
+    assert {entity for _w, entity, _where, _t in report.errors} == {1, 2, 3}
+    assert all("reach" in text for _w, _e, _where, text in report.errors)
 
 
 def test_rng_depends_only_on_seed_tick_and_id() -> None:
@@ -223,3 +227,138 @@ def test_plugins_are_found_through_the_entry_point_group(tmp_path: Path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins = load_plugins(["walkers"], [tmp_path / "no-such-folder"], {}, CONVERTER)
     assert list(plugins.kinds) == ["walker"]
+
+
+KEYPAD = textwrap.dedent(
+    """
+    import sys
+    import attrs
+    from meshd import Kind, Plugin
+
+    CALLS = []
+
+    @attrs.frozen
+    class Pad:
+        presses: int = 0
+        last: float = 0.0
+        noise: float = 0.0
+
+    @attrs.frozen
+    class Crumb:
+        pass
+
+    def wobble(me, ctx):
+        me.x = (me.x + 0.25) % 90.0
+        me.state = attrs.evolve(me.state, noise=ctx.rng.random())
+
+    def press(me, event, ctx):
+        CALLS.append(ctx.tick)
+        value = event.data["value"]
+        ctx.rng.random()  # randomness drawn, an event and a spawn emitted, then it fails
+        ctx.send(me.id, "echo", {"value": value})
+        ctx.spawn("crumb", me.x, me.y)
+        me.state = attrs.evolve(me.state, presses=me.state.presses + 1, last=float(value))
+        if value < 0:
+            raise ValueError(f"value must be >= 0, got {value}")
+
+    def leave(me, event, ctx):
+        sys.exit(3)
+
+    def vanish(me, event, ctx):
+        me.x = float("nan")
+
+    def speed(me, event, ctx):
+        me.state = attrs.evolve(me.state, last=float("inf"))
+
+    def echo(me, event, ctx):
+        pass
+
+    def create_world(world):
+        for i in range(4):
+            world.spawn("pad", 10.0 + 20.0 * i, 10.0 + 20.0 * i)
+
+    plugin = Plugin(
+        name="keypad",
+        kinds={
+            "pad": Kind(Pad, systems=(wobble,), max_speed=10.0, radius=1.0),
+            "crumb": Kind(Crumb),
+        },
+        events={"echo": echo},
+        inputs={"press": press, "leave": leave, "vanish": vanish, "speed": speed},
+        create_world=create_world,
+    )
+    """
+)
+
+
+def _keypad(tmp_path: Path):
+    (tmp_path / "keypad.py").write_text(KEYPAD)
+    plugins = load_plugins(["keypad"], [tmp_path], {}, CONVERTER)
+    return plugins, WorldParams(size=100.0, seed=1, dt=0.05, halo=5.0)
+
+
+def _press(mesh: InProcessMesh, entity: int, action: str, **args) -> None:
+    """A player input, as the gateway injects it before a tick."""
+    mesh.replication.inject([[entity, 0, 0, f"input:{action}", args]])
+
+
+def test_a_failing_input_is_undone_alone_and_never_counts_toward_quarantine(tmp_path) -> None:
+    plugins, world = _keypad(tmp_path)
+    layout = Layout.grid(100.0, 5.0, 2, 2)
+    mesh = InProcessMesh(plugins, world, layout, new_world(plugins, world), quarantine_after=3)
+    failures = []
+    for tick in range(1, 13):
+        _press(mesh, 1, "press", value=-1.0)  # every tick, far beyond quarantine_after
+        report = mesh.tick(checkpoint=tick % 4 == 0)
+        assert report.errors == [] and report.quarantined == []
+        failures += report.input_errors
+    assert len(failures) == 12
+    entity, seq, where, text = failures[0]
+    assert (entity, seq) == (1, 0) and text == "ValueError: value must be >= 0, got -1.0"
+    assert where.startswith("press (") and "keypad.py:" in where
+    record = mesh.replication.records[1]
+    assert record[2] == pytest.approx(13.0)  # its systems ran every tick: it kept moving
+    assert list(record[5])[:2] == [0, 0.0]  # nothing the failed presses did was kept
+    assert 1 not in mesh.replication.quarantined
+
+
+def test_an_undone_input_leaves_the_world_as_if_it_never_came(tmp_path) -> None:
+    """Its randomness, events and spawns are withdrawn too; a replay skips it."""
+    plugins, world = _keypad(tmp_path)
+    layout = Layout.grid(100.0, 5.0, 2, 2)
+    calls = sys.modules["meshd_plugin_keypad"].CALLS
+
+    def run(fail: bool, kill_at: int | None = None) -> str:
+        mesh = InProcessMesh(plugins, world, layout, new_world(plugins, world))
+        for tick in range(1, 11):
+            if fail and tick == 3:
+                _press(mesh, 2, "press", value=-5.0)
+            if tick == 6:
+                _press(mesh, 2, "press", value=4.0)
+            mesh.tick(checkpoint=tick in (2, 10), kill=frozenset({0, 1}) if tick == kill_at else ())
+        return mesh.replication.hash()
+
+    clean = run(fail=False)
+    calls.clear()
+    assert run(fail=True) == clean
+    assert calls == [3, 6]
+    calls.clear()
+    assert run(fail=True, kill_at=5) == clean  # replays ticks 3-4 from tick 2's checkpoint...
+    assert calls == [3, 6]  # ...without the press that failed at tick 3
+
+
+def test_exit_and_non_finite_values_from_a_plugin_fail_only_that_input(tmp_path) -> None:
+    plugins, world = _keypad(tmp_path)
+    mesh = InProcessMesh(plugins, world, Layout.grid(100.0, 5.0, 1, 1), new_world(plugins, world))
+    mesh.tick(checkpoint=True)
+    before = dict(mesh.replication.records)
+    for entity, action in [(1, "leave"), (2, "vanish"), (3, "speed")]:
+        _press(mesh, entity, action)
+    report = mesh.tick(checkpoint=True)
+    failed = {entity: text for entity, _seq, _where, text in report.input_errors}
+    assert failed[1] == "SystemExit: 3"
+    assert failed[2].startswith("ValueError: position (nan,") and "not finite" in failed[2]
+    assert failed[3] == "ValueError: inf is not a finite number"
+    for entity in (1, 2, 3):
+        assert math.isfinite(mesh.replication.records[entity][2])
+        assert mesh.replication.records[entity][2] == pytest.approx(before[entity][2] + 0.25)

@@ -166,11 +166,10 @@ def test_the_readme_client_example_runs_as_written(tavern) -> None:
     example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     assert '"127.0.0.1", 7777' in example
     code = example.replace('"127.0.0.1", 7777', f"{host!r}, {port}")
-    ran = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
     lines = ran.stdout.splitlines()
     assert len(lines) > 50
-    tick, x, y, vx = lines[-1].split()
-    assert int(tick) > 0 and float(vx) == 5.0
+    first, last = (line.split() for line in (lines[0], lines[-1]))
+    assert int(last[0]) > int(first[0]) and float(last[3]) == 5.0
+    assert float(last[1]) > float(first[1]) and float(last[2]) == float(first[2])  # walks east

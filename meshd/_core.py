@@ -26,7 +26,7 @@ import cbor2
 import trio
 
 from meshd._config import Config, ConfigError
-from meshd._gateway import Account, Gateway, cell_size
+from meshd._gateway import Account, Gateway, cell_size, listen
 from meshd._layout import Layout, sorted_leaves
 from meshd._logging import OncePer, error_site, get_logger
 from meshd._messages import Init, Reply, Step, WorldParams
@@ -672,6 +672,8 @@ async def serve(
     store = Store(data_dir / DB_NAME, synchronous=config.data.synchronous)
     supervisor: Supervisor | None = None
     try:
+        players = config.gateway.listen != ""
+        listeners = await listen(config.gateway) if players else []
         snapshot, created = load_or_create(store, plugins, world_params(config))
         if not created and snapshot.seed != config.world.seed:
             log.warning(
@@ -690,7 +692,6 @@ async def serve(
         dynamic = config.mesh.mode == "dynamic"
         workers = config.mesh.min_workers if dynamic else config.mesh.workers
         layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
-        players = config.gateway.listen != ""
         store_lock = trio.CapacityLimiter(1)
 
         async def store_account(name: str, salt: bytes, digest: bytes, kdf: str) -> None:
@@ -722,8 +723,6 @@ async def serve(
             if players
             else None
         )
-        if gateway is not None:
-            await gateway.listen()
         planner = Planner(planner_settings(config), layout, snapshot.tick) if dynamic else None
         supervisor = Supervisor(
             Init(
@@ -746,7 +745,7 @@ async def serve(
                 services.start_soon(_watch_signals, core)
                 await services.start(serve_admin, core, data_dir / SOCKET_NAME)
                 if gateway is not None:
-                    await services.start(gateway.serve)
+                    await services.start(gateway.serve, listeners)
                 await supervisor.start_all(layout.workers)
                 core.usage.begin(time.monotonic(), time.process_time(), len(supervisor.links))
                 services.start_soon(supervisor.refill_spares)

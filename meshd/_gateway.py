@@ -214,7 +214,6 @@ class Gateway:
         self._shown: dict[int, list[Any]] = {}
         """The watched records as of the last view update."""
         self.address = ""
-        self._listeners: list[trio.SocketListener] = []
         self._claiming: set[str] = set()
         self._hashing = trio.CapacityLimiter(1)
         self._in_flight: dict[int, tuple[int, int, str]] = {}
@@ -224,24 +223,15 @@ class Gateway:
 
     # -- connections ------------------------------------------------------
 
-    async def listen(self) -> None:
-        """Bind the players' address; :class:`ConfigError` naming the setting if it cannot be."""
-        host, port = self.config.address()
-        try:
-            self._listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen for players on {self.config.listen}: {exc.strerror or exc}; "
-                'set gateway.listen (or serve --listen) to a free HOST:PORT, or "" for none'
-            ) from None
-        sockname = self._listeners[0].socket.getsockname()
+    async def serve(
+        self, listeners: list[trio.SocketListener], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept players on ``listeners`` (from :func:`listen`) until cancelled."""
+        sockname = listeners[0].socket.getsockname()
         self.address = f"{sockname[0]}:{sockname[1]}"
-
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept players on the address bound by :meth:`listen` until cancelled."""
         self._log.info("gateway listening", address=self.address)
         task_status.started(self.address)
-        await trio.serve_listeners(self._handle, self._listeners)
+        await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Bounded kernel buffers too: a reader that stalls is noticed within a second or two.
@@ -656,6 +646,18 @@ def _positions(
     for client in clients:
         record = records[client.entity]
         yield record[2], record[3]
+
+
+async def listen(config: GatewayConfig) -> list[trio.SocketListener]:
+    """Bind the players' address; :class:`ConfigError` naming the setting if it cannot be."""
+    host, port = config.address()
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen for players on {config.listen}: {exc.strerror or exc}; "
+            'set gateway.listen (or serve --listen) to a free HOST:PORT, or "" for none'
+        ) from None
 
 
 def cell_size(config: GatewayConfig) -> float:

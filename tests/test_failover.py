@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -394,3 +397,130 @@ def test_sigterm_during_a_failover_still_writes_the_final_tick(tmp_path: Path) -
     assert wait_gone(pids) == []
     world = meshd_json("inspect", "world", "--config", str(config))
     assert world["tick"] > before["tick"]
+
+
+FLAKY = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+    import attrs
+    from meshd import Kind, Plugin
+
+    HERE = Path(__file__).parent  # a bug is "fixed" by removing its file here
+
+    @attrs.frozen
+    class Walker:
+        steps: int = 0
+
+    @attrs.frozen
+    class Bomb:
+        pass
+
+    def walk(me, ctx):
+        if me.id == 1 and (HERE / "walker-bug").exists():
+            raise RuntimeError("tripped")
+        me.y = (me.y + 0.5) % 100.0
+        me.state = Walker(me.state.steps + 1)
+
+    def tick_tock(me, ctx):
+        if (HERE / "bomb-bug").exists():
+            os._exit(3)
+
+    def create_world(world):
+        world.spawn("walker", 5.0, 1.0)
+        world.spawn("walker", 80.0, 1.0)
+        world.spawn("bomb", 10.0, 50.0)
+
+    plugin = Plugin(
+        name="flaky",
+        kinds={
+            "walker": Kind(Walker, systems=(walk,), max_speed=20.0, radius=1.0),
+            "bomb": Kind(Bomb, systems=(tick_tock,)),
+        },
+        create_world=create_world,
+    )
+    """
+)
+
+
+def test_an_operator_releases_what_was_quarantined_without_a_restart(tmp_path: Path) -> None:
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    config = write_config(
+        tmp_path,
+        {
+            "world": {"size": 100.0, "halo": 2.0},
+            "mesh": {"grid": 2},
+            "supervise": {"max_restarts": 1, "quarantine_after": 3},
+            "plugins": {"load": ["flaky"], "dirs": [str(tmp_path)]},
+        },
+    )
+    (tmp_path / "walker-bug").touch()
+    daemon = start_daemon(config, "--rate", "25", "--workers", "2")
+    try:
+        wait_for_status(config, lambda s: s["quarantined"] == [1], daemon=daemon)
+        (tmp_path / "bomb-bug").touch()
+        down = wait_for_status(config, lambda s: s["quarantined_partitions"], daemon=daemon)
+        assert down["quarantined_partitions"] == ["1/0/0", "1/0/1"]
+        frozen = meshd_json("inspect", "entity", "1", "--config", str(config))
+        refused = meshd("release", "--config", str(config), check=False)
+        assert refused.returncode == 2 and "nothing to release" in refused.stderr
+        for bug in ("walker-bug", "bomb-bug"):  # the plugin's author fixes both bugs
+            (tmp_path / bug).unlink()
+        released = meshd_json("release", "--entity", "1", "--config", str(config))
+        assert released == {"entities": [1], "partitions": []}
+        released = meshd_json("release", "--partitions", "--config", str(config))
+        assert released == {"entities": [], "partitions": ["1/0/0", "1/0/1"]}
+        after = wait_for_status(config, lambda s: s["tick"] > down["tick"] + 40, daemon=daemon)
+        assert after["quarantined"] == [] and after["quarantined_partitions"] == []
+        workers = meshd_json("inspect", "workers", "--config", str(config))
+        assert [(w["id"], w["state"]) for w in workers] == [(0, "running"), (1, "running")]
+        walker = meshd_json("inspect", "entity", "1", "--config", str(config))
+        assert walker["state"]["steps"] > frozen["state"]["steps"] + 20  # it walks again
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+        log = daemon.stderr.read()
+    finally:
+        daemon.kill()
+    released_lines = [line for line in log.splitlines() if "operator released" in line]
+    assert len(released_lines) == 2 and '"uid": ' in released_lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_only_the_daemons_own_user_may_release(tmp_path: Path) -> None:
+    # Open the way on purpose: the file modes are the first guard, this tests the second.
+    reachable = Path(tempfile.mkdtemp(prefix="meshd-uid-"))
+    reachable.chmod(0o711)
+    data = reachable / "data"
+    config = write_config(tmp_path, {**TAVERN, "data": {"dir": str(data)}})
+    daemon = start_daemon(config, "--rate", "20", "--workers", "1")
+    try:
+        wait_for_status(config, daemon=daemon)
+        socket_path = data / "meshd.sock"
+        data.chmod(0o711)
+        socket_path.chmod(0o666)
+        ask = textwrap.dedent(
+            f"""
+            import os
+            from meshd import _admin
+            os.setgid(65534)
+            os.setuid(65534)
+            path = {str(socket_path)!r}
+            print(_admin.request(path, _admin.AdminRequest("status"))["tick"] > 0)
+            try:
+                _admin.request(path, _admin.AdminRequest("release", all_entities=True))
+            except _admin.AdminError as exc:
+                print(exc)
+            """
+        )
+        other = subprocess.run(
+            [sys.executable, "-c", ask], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+        shutil.rmtree(reachable)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.splitlines() == [
+        "True",
+        "release changes the world: only the daemon's own user (uid 0) may ask for it",
+    ]

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cbor2
@@ -202,3 +208,125 @@ def test_halo_too_small_is_refused(tmp_path: Path) -> None:
     result = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
     assert result.returncode == 2
     assert "world.halo" in result.stderr and "rocket" in result.stderr
+
+
+def test_a_busy_player_port_is_one_clear_line(tmp_path: Path) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        config = write_config(tmp_path, {**TAVERN, "gateway": {"listen": f"127.0.0.1:{port}"}})
+        result = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: cannot listen for players on 127.0.0.1:{port}: Address already in use; "
+        'set gateway.listen (or serve --listen) to a free HOST:PORT, or "" for none'
+    ]
+
+
+def test_short_runs_print_no_traceback(tmp_path: Path) -> None:
+    """A spare worker still starting when the core stops must go quietly."""
+    for run in range(3):
+        folder = tmp_path / str(run)
+        folder.mkdir()
+        config = write_config(folder, {**TAVERN, "gateway": {"listen": ""}})
+        result = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "1")
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_misspelt_environment_variable_stops_serve(tmp_path: Path) -> None:
+    config = write_config(tmp_path, TAVERN)
+    env = {**os.environ, "MESHD_WORLD_SED": "9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "meshd", "serve", "--config", str(config), "--ticks", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "MESHD_WORLD_SED names no setting; did you mean MESHD_WORLD_SEED?" in result.stderr
+
+
+REPEATING = textwrap.dedent(
+    """
+    import attrs
+    from meshd import Kind, Plugin
+
+    @attrs.frozen
+    class Walker:
+        steps: int = 0
+
+    def helper(me):
+        raise RuntimeError(f"boom at step {me.state.steps}")  # a new message every tick
+
+    def walk(me, ctx):
+        if me.id == 2:
+            helper(me)
+        me.x += 100.0 if me.id == 3 else 0.5  # 3 moves too fast: refused every tick
+
+    def create_world(world):
+        for i in range(3):
+            world.spawn("walker", 10.0 + i, 10.0)
+
+    plugin = Plugin(
+        name="repeating",
+        kinds={"walker": Kind(Walker, systems=(walk,), max_speed=20.0, radius=1.0)},
+        create_world=create_world,
+    )
+    """
+)
+
+
+def test_a_recurring_plugin_error_is_logged_once_with_its_place(tmp_path: Path) -> None:
+    (tmp_path / "repeating.py").write_text(REPEATING)
+    config = write_config(
+        tmp_path,
+        {
+            "world": {"size": 100.0},
+            "supervise": {"quarantine_after": 1000},
+            "plugins": {"load": ["repeating"], "dirs": [str(tmp_path)]},
+        },
+    )
+    result = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "40")
+    logged = [json.loads(line) for line in result.stderr.splitlines() if "plugin error" in line]
+    assert [(entry["entity"], entry["kind"]) for entry in logged] == [(2, "walker"), (3, "walker")]
+    line = next(i for i, text in enumerate(REPEATING.splitlines(), 1) if "raise Runtime" in text)
+    assert logged[0]["where"] == f"walk ({tmp_path / 'repeating.py'}:{line})"
+    assert logged[0]["error"] == "RuntimeError: boom at step 0"
+    assert logged[1]["where"] is None and "max_speed" in logged[1]["error"]
+
+
+def test_a_removed_state_field_names_the_kind_the_field_and_the_way_out(tmp_path: Path) -> None:
+    plugin = tmp_path / "piles.py"
+    plugin.write_text(
+        REPEATING.replace('"repeating"', '"piles"').replace(
+            "steps: int = 0", "steps: int = 0\n    weight: float = 1.0"
+        )
+    )
+    config = write_config(
+        tmp_path,
+        {"world": {"size": 100.0}, "plugins": {"load": ["piles"], "dirs": [str(tmp_path)]}},
+    )
+    meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "2")
+    plugin.write_text(plugin.read_text().replace("\n    weight: float = 1.0", ""))
+    result = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: stored entity 1 (kind 'walker') has field(s) weight, which state class Walker "
+        "no longer defines: put them back in Walker (a default is enough) to load this world; "
+        "a field that holds stored data cannot be removed yet"
+    ]
+
+
+def test_the_cost_report_counts_entities_crossing_workers(tavern_config: Path) -> None:
+    daemon = start_daemon(tavern_config, "--workers", "3", "--rate", "50")
+    try:
+        wait_for_status(tavern_config, lambda s: s["tick"] >= 100, daemon=daemon)
+        stats = meshd_json("inspect", "stats", "--config", str(tavern_config))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    assert stats["mode"] == "static" and stats["plans"] == 0 and stats["plan_handoffs"] == 0
+    assert stats["handoffs"] > 10 and stats["handoffs_per_s"] > 0

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,21 @@ class LoadgenError(Exception):
 def executable() -> Path:
     """The compiled generator, built once per version of its source into the user's cache.
 
-    Raises :class:`LoadgenError` when there is no C compiler or the build fails.
+    The cache folder is made private (0700) and the program is run only if
+    it is ours, not writable by others, and has the content recorded when
+    we built it; anything else at that path is built again, never run.
+    Raises :class:`LoadgenError` when there is no C compiler, the build
+    fails, or the cache folder belongs to another user.
     """
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshd"
+    cache = _private_cache()
     target = cache / f"loadgen-{digest}"
-    if target.exists():
+    recorded = target.with_name(f"{target.name}.sha256")
+    if _trusted(target, recorded):
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise LoadgenError("the native bots need a C compiler (cc); use --engine python")
-    cache.mkdir(parents=True, exist_ok=True)
     building = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     built = subprocess.run(
         [compiler, "-O2", "-o", str(building), str(SOURCE), "-lm"],
@@ -48,8 +53,43 @@ def executable() -> Path:
     )
     if built.returncode != 0:
         raise LoadgenError(f"building the native bots failed:\n{built.stderr.strip()}")
+    building.chmod(0o700)
+    recorded.write_text(_sha256(building))
     os.replace(building, target)  # atomic: a concurrent build never runs half a file
     return target
+
+
+def _private_cache() -> Path:
+    """``$XDG_CACHE_HOME/meshd`` (or ``~/.cache/meshd``), 0700 and ours."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshd"
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner = cache.stat().st_uid
+    if owner != os.geteuid():
+        raise LoadgenError(
+            f"the cache folder {cache} belongs to uid {owner}, not to you: "
+            "set XDG_CACHE_HOME to a folder of your own"
+        )
+    cache.chmod(0o700)
+    return cache
+
+
+def _trusted(target: Path, recorded: Path) -> bool:
+    """Whether ``target`` is the program we built: ours, 0700, with its recorded content."""
+    try:
+        info = target.stat()
+        expected = recorded.read_text()
+    except FileNotFoundError:
+        return False
+    return (
+        info.st_uid == os.geteuid()
+        and stat.S_IMODE(info.st_mode) == 0o700
+        and recorded.stat().st_uid == os.geteuid()
+        and _sha256(target) == expected
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_native(

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from meshd._config import Config, load_config
+from meshd._config import Config, MeshConfig, load_config
 from meshd._core import load_plugin_set, percentile, serve, world_params
 from meshd._messages import WorldParams
 from meshd._plugin import PluginSet
@@ -45,8 +45,18 @@ from meshd._snapshot import to_row, world_hash
 REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 
 
-def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float, int, str]:
-    """Run the plugin systems with nothing around them; (seconds, entity-ticks, world hash)."""
+def bare_loop(
+    plugins: PluginSet,
+    world: WorldParams,
+    ticks: int,
+    first_tick: int = 1,
+    tick_cpu_ms: list[float] | None = None,
+) -> tuple[float, int, str]:
+    """Run the plugin systems with nothing around them; (seconds, entity-ticks, world hash).
+
+    The world is created as at tick 0 and run from ``first_tick``; with
+    ``tick_cpu_ms`` each tick's CPU milliseconds are appended to it.
+    """
     records = create_world(plugins, world)
     codecs = plugins.codecs
     entities = {
@@ -57,7 +67,8 @@ def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float
     entity_ticks = 0
     gc.disable()  # the same collection policy as a worker process
     started = time.perf_counter()
-    for tick in range(1, ticks + 1):
+    for tick in range(first_tick, first_tick + ticks):
+        tick_started = time.process_time()
         prev, index = snapshot_views(entities.values(), (), world.halo)
         ctx = Context(plugins, world, tick, index)
         inbox, _inputs = group_events(events)
@@ -79,6 +90,8 @@ def bare_loop(plugins: PluginSet, world: WorldParams, ticks: int) -> tuple[float
             entities[next_id] = Entity(next_id, kind, x, y, z, codecs[kind].from_wire(state))
             next_id += 1
         events = [e for e in ctx.events if e[0] in entities]
+        if tick_cpu_ms is not None:
+            tick_cpu_ms.append((time.process_time() - tick_started) * 1000.0)
         collect_between_ticks(tick)
     seconds = time.perf_counter() - started
     gc.enable()
@@ -261,6 +274,50 @@ def _rush_window(day_ticks: int) -> tuple[int, int]:
     return start, start + 2 * (day_ticks // 8)
 
 
+RUSH_TAVERN = {"tavern_x": 0.3, "tavern_y": 0.6, "rush_share": 0.8}
+"""Where the rush goes, and how many join it."""
+
+
+def _rush_world_size(npcs: int) -> float:
+    return 200.0 * math.sqrt(max(npcs, 1) / 1000.0)
+
+
+def _rush_peak_ms(npcs: int, day_ticks: int) -> float:
+    """CPU ms per tick of a day of ``npcs`` patrons at its busiest: the rush's crowd gathered.
+
+    A bare loop (the plugin's systems alone) over the rush's world, from the
+    tick the crowd sets off to the tick it turns home; the busiest ten ticks
+    in a row, averaged. The mesh costs somewhat more than this (ghosts,
+    replies), so a day sized by it needs at least what it asks for.
+    """
+    rush_from, _rush_to = _rush_window(day_ticks)
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+        config = _rush_config(npcs, Path(tmp), 0.0, "static", 1, day_ticks)
+        tick_ms: list[float] = []
+        bare_loop(load_plugin_set(config), world_params(config), day_ticks // 8, rush_from, tick_ms)
+    window = 10
+    return max(statistics.mean(tick_ms[i : i + window]) for i in range(len(tick_ms) - window))
+
+
+def calibrate_rush(rate: float, day_ticks: int, peak_budgets: float = 2.0) -> tuple[int, float]:
+    """(patrons, CPU ms per patron per tick at the peak): a day whose busiest ticks need
+    about ``peak_budgets`` times what one worker may spend per tick (``mesh.budget_ms``).
+
+    A crowd's cost per patron grows with its density, so the size is found by
+    measuring at a guess, then at the size that cost implies, until they agree.
+    """
+    budget_ms = 1000.0 / rate * MeshConfig().utilisation
+    npcs, per_patron = 1000, 0.0
+    for _ in range(4):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_patron = pool.submit(_rush_peak_ms, npcs, day_ticks).result() / npcs
+        wanted = max(round(peak_budgets * budget_ms / per_patron), 1)
+        if abs(wanted - npcs) <= 0.05 * npcs:
+            return wanted, per_patron
+        npcs = wanted
+    return npcs, per_patron
+
+
 def _rush_config(
     npcs: int, data_dir: Path, rate: float, mode: str, max_workers: int, day_ticks: int
 ) -> Config:
@@ -268,15 +325,14 @@ def _rush_config(
     return _tavern_config(
         data_dir,
         **{
-            "world.size": 200.0 * math.sqrt(max(npcs, 1) / 1000.0),
+            "world.size": _rush_world_size(npcs),
             "tick.rate": rate,
             "mesh.mode": mode,
             "mesh.workers": max_workers,
             "mesh.max_workers": max_workers,
             "plugins.tavern": {
                 "npcs": npcs,
-                "tavern_x": 0.3,
-                "tavern_y": 0.6,
+                **RUSH_TAVERN,
                 "crowd_share": 0.0,
                 "day_ticks": day_ticks,
                 "night_awake": 0.1,
@@ -289,7 +345,7 @@ def _rush_config(
 
 
 def bench_rush(
-    npcs: int = 1000,
+    npcs: int | None = None,
     day_ticks: int = 2400,
     rate: float = 20.0,
     max_workers: int | None = None,
@@ -298,9 +354,14 @@ def bench_rush(
     """The same tavern day twice: the dynamic mesh, then a static grid of ``max_workers``.
 
     Tick times are reported over the rush (from the crowd setting off to its
-    return home); worker-seconds over the whole day.
+    return home); worker-seconds over the whole day. Without ``npcs`` the
+    crowd is sized to this machine (:func:`calibrate_rush`): its noon peak
+    needs about two workers' budgets, so the dynamic mesh has to grow.
     """
     max_workers = max_workers or os.cpu_count() or 1
+    patron_ms = None
+    if npcs is None:
+        npcs, patron_ms = calibrate_rush(rate, day_ticks)
     rush_from, rush_to = _rush_window(day_ticks)
     results: dict[str, Any] = {}
     timelines = {}
@@ -319,6 +380,7 @@ def bench_rush(
                 "final_workers": usage["workers"],
                 "max_leaves": usage["max_leaves"],
                 "handoffs_per_s": usage["handoffs_per_s"],
+                "plan_handoffs": usage["plan_handoffs"],
                 "worker_seconds": usage["worker_seconds"],
                 "static_peak_worker_seconds": usage["static_peak_worker_seconds"],
                 "worker_cpu_seconds": usage["worker_cpu_seconds"],
@@ -334,6 +396,8 @@ def bench_rush(
         draw_timeline(timelines, budget_ms, plot)
     return {
         "entities": npcs,
+        "calibrated": patron_ms is not None,
+        "patron_us": round(patron_ms * 1000.0, 2) if patron_ms is not None else None,
         "day_ticks": day_ticks,
         "rush_ticks": [rush_from, rush_to],
         "rate_hz": rate,

@@ -74,8 +74,12 @@ class Plugin:
     new_player: PlayerHook | None = None
     """Called once per new player name: spawns that player's entity (exactly one)."""
     inputs: Mapping[str, EventHandler] = attrs.field(factory=dict)
-    """Input handlers by action, run on the player's entity; ``join`` and ``leave``
-    (optional) run when the player connects and disconnects."""
+    """Input handlers by action, run on the player's entity at the next tick with the
+    client's arguments as ``event.data`` (plain values, finite numbers, at most 8
+    levels deep: the gateway checked). An exception undoes that input alone and is
+    sent to the player as ``bad_input`` with its message, so name the argument in it.
+    ``join`` and ``leave`` (optional) come from the gateway itself when the player
+    connects and when the connection ends."""
 
 
 @attrs.frozen

@@ -317,7 +317,8 @@ def bench_command(
     scenario: Annotated[str, typer.Argument(help="Scenario: sim, failover, rush or players.")],
     as_json: JsonOption = False,
     npcs: Annotated[
-        int | None, typer.Option(help="Tavern NPCs [default: 10,000; rush: 1,000].")
+        int | None,
+        typer.Option(help="Tavern NPCs [default: 10,000; rush: sized to this machine]."),
     ] = None,
     ticks: Annotated[int, typer.Option(help="sim: ticks per run.")] = 200,
     repeat: Annotated[int, typer.Option(min=1, help="sim: runs per variant (medians).")] = 1,
@@ -352,7 +353,7 @@ def bench_command(
         )
     elif scenario == "rush":
         result = _bench.bench_rush(
-            npcs=npcs or 1000, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
+            npcs=npcs, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
         )
     elif scenario == "players":
         if bots not in ("native", "python"):

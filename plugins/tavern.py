@@ -19,6 +19,7 @@ Everything here exercises a mesh guarantee:
 from __future__ import annotations
 
 import math
+import time
 
 import attrs
 
@@ -47,6 +48,15 @@ class TavernSettings:
     day_ticks: int = 0  # length of a day in ticks; 0 = everyone always awake
     night_awake: float = 0.2  # share of patrons awake at midnight (all are at noon)
     day_shape: float = 1.0  # > 1: fewer busy hours, a sharper evening peak
+    work_us: float = 0.0  # CPU microseconds each awake patron spends per tick on top of its
+    # rules: stands in for a heavier game in load tests, at the same cost on any machine
+
+
+def _work(microseconds: float) -> None:
+    """Spend this much of the thread's CPU time (changes nothing in the world)."""
+    until = time.thread_time_ns() + int(microseconds * 1000)
+    while time.thread_time_ns() < until:
+        pass
 
 
 def _share(entity_id: int, step: float) -> float:
@@ -140,6 +150,8 @@ def patron(me: Entity, ctx: Context) -> None:
     settings: TavernSettings = ctx.settings
     if _share(me.id, 0.6180339887498949) >= awake_share(settings, ctx.tick):
         return  # asleep: costs nothing
+    if settings.work_us:
+        _work(settings.work_us)
     errand = _errand(me, ctx, settings)
     if errand is not None and _run_towards(me, ctx, *errand, stop=settings.tavern_radius / 2):
         return

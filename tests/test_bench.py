@@ -18,7 +18,7 @@ from conftest import (
     write_config,
 )
 
-from meshd._bench import bench_players, bench_sim
+from meshd._bench import bench_players, bench_rush, bench_sim
 
 
 @pytest.mark.bench
@@ -33,9 +33,18 @@ def test_bench_sim_runs_and_all_variants_reach_the_same_world() -> None:
 def test_bench_players_measures_server_and_bots_apart(engine: str) -> None:
     result = bench_players(players=20, seconds=4, engine=engine)
     assert result["connected"] == 20 and result["disconnects"] == 0
-    assert result["tick_gaps"] == 0 and result["updates_per_s"] > 15
+    # a view every tick, however fast the server ticks on this machine
+    assert result["tick_gaps"] == 0 and result["updates_per_s"] > 0.7 * result["measured_rate_hz"]
     assert result["server_cpu"]["core"] > 0 and result["bots_cpu"] > 0
     assert result["bytes_per_client_s"] > 0
+
+
+@pytest.mark.bench
+def test_bench_rush_sizes_the_crowd_so_that_the_dynamic_mesh_must_grow() -> None:
+    result = bench_rush(day_ticks=960, max_workers=2)
+    assert result["calibrated"] and result["entities"] > 0 and result["patron_us"] > 0
+    assert result["dynamic"]["peak_workers"] == 2 and result["static"]["peak_workers"] == 2
+    assert result["same_world"]
 
 
 @pytest.mark.slow

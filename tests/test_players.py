@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -21,15 +22,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd import client
+from meshd._messages import Step
 from meshd._protocol import (
     CLIENT_MESSAGES,
+    MAX_ARGS_DEPTH,
+    SERVER_MESSAGES,
     Input,
     Login,
     ProtocolError,
     decode_client,
     encode_frame,
 )
-from meshd._wire import decode_message, frame
+from meshd._wire import decode_message, encode_message, frame
 
 PLAYERS = {**TAVERN, "tick": {"persist_every": 5}}
 
@@ -82,6 +86,42 @@ def test_the_input_fast_path_agrees_with_the_generic_decoder(seq, action, args, 
     for wrong in ({**fields, "seq": True}, {**fields, "args": [1]}, {**fields, "extra": 1}):
         with pytest.raises(ProtocolError):
             decode_client(cbor2.dumps(wrong))
+
+
+ARG_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=40,
+)
+
+
+@given(st.dictionaries(st.text(max_size=5), ARG_VALUES, max_size=3))
+def test_arguments_the_gateway_accepts_always_decode_in_a_worker(args) -> None:
+    """Whatever passes the gateway reaches a worker intact, inside a core-to-worker Step."""
+    try:
+        message = decode_client(
+            cbor2.dumps({"type": "Input", "seq": 1, "action": "move", "args": args})
+        )
+    except ProtocolError:
+        return
+    step = Step(tick=1, epoch=1, events=[[5, 0, 0, "input:move", message.args]])
+    assert decode_message(encode_message(step), (Step,)).events[0][4] == args
+
+
+def test_the_deepest_arguments_accepted_fit_in_a_step() -> None:
+    deepest: list = [1.0]
+    for _ in range(MAX_ARGS_DEPTH - 2):
+        deepest = [deepest]
+    message = decode_client(encode_frame(Input(seq=1, action="a", args={"x": deepest}))[4:])
+    step = Step(tick=1, epoch=1, events=[[5, 0, 0, "input:a", message.args]])
+    assert decode_message(encode_message(step), (Step,)).events[0][4] == {"x": deepest}
+    with pytest.raises(ProtocolError, match="deeper than 8"):
+        decode_client(encode_frame(Input(seq=1, action="a", args={"x": [deepest]}))[4:])
 
 
 # -- a live server ----------------------------------------------------------
@@ -433,3 +473,15 @@ def test_a_player_whose_entity_vanishes_is_told_and_gets_a_new_one(tmp_path: Pat
         daemon.kill()
         daemon.wait(timeout=10)
     assert second != first
+
+
+def test_the_protocol_documents_examples_decode_strictly() -> None:
+    """Every hex example in docs/protocol.md is one whole frame of a current message."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    examples = re.findall(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text)
+    assert len(examples) == 7
+    for example in examples:
+        data = bytes.fromhex(example)
+        (length,) = struct.unpack(">I", data[:4])
+        assert length == len(data) - 4, example
+        decode_message(data[4:], (*CLIENT_MESSAGES, *SERVER_MESSAGES))

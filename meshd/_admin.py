@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from meshd._core import percentile
+from meshd._core import Release, percentile
 from meshd._layout import sorted_leaves
 from meshd._wire import FrameDecoder, WireError, decode_message, encode_message, frame
 
@@ -182,8 +182,6 @@ async def world_view(core: Core, with_hash: bool) -> dict[str, Any]:
 
 async def release(core: Core, request: AdminRequest, peer: dict[str, int]) -> dict[str, Any]:
     """Ask the tick loop to run quarantined entities or partitions again; what it released."""
-    from meshd._core import Release
-
     if not (request.entities or request.all_entities or request.partitions):
         raise ValueError("nothing to release: name entities, all entities or partitions")
     wanted = Release(request.entities, request.all_entities, request.partitions, peer)

@@ -3,8 +3,8 @@
 Each connection is one task: it reads the ``Login`` within
 ``gateway.login_timeout`` and checks or claims the name (secrets are scrypt
 hashes with their parameters stored per account, compared in constant time,
-computed in a thread; a new name is stored before its player is welcomed). From then on the
-tick loop does the per-tick work of every player without waiting:
+computed in a thread; a new name is stored before its player is welcomed).
+From then on the tick loop does the per-tick work of every player without waiting:
 :meth:`Gateway.before_tick` reads what each player sent (inputs under a
 token bucket, pings) with one non-blocking ``recv`` and turns inputs, new
 players' entities and join/leave into events for the next step;

@@ -4,9 +4,9 @@ The public plugin API lives here; everything else is in private modules
 (see ``docs/architecture.md``).
 """
 
-from meshd._geometry import first_hit
-from meshd._plugin import EventHandler, Kind, Plugin, PluginError, System, WorldHook
-from meshd._sim import Context, Entity, Event, ReachError, TickRng, View, WorldBuilder
+from meshd.mesh.geometry import first_hit
+from meshd.mesh.plugins import EventHandler, Kind, Plugin, PluginError, System, WorldHook
+from meshd.mesh.step import Context, Entity, Event, ReachError, TickRng, View, WorldBuilder
 
 __all__ = [
     "Context",

@@ -1,3 +1,3 @@
-from meshd.cli import main
+from meshd.ops.cli import main
 
 main()

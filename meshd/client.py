@@ -23,7 +23,8 @@ from typing import Any
 import attrs
 import trio
 
-from meshd._protocol import (
+from meshd.common.wire import FrameDecoder
+from meshd.players.protocol import (
     PROTOCOL_VERSION,
     Error,
     Input,
@@ -35,7 +36,6 @@ from meshd._protocol import (
     decode_server,
     encode_frame,
 )
-from meshd._wire import FrameDecoder
 
 SERVER_FRAME_CAP = 16 << 20
 

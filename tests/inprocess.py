@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshd._layout import Layout
-from meshd._messages import Reply, Restore, Step, WorldParams
-from meshd._plugin import PluginSet, load_plugins
-from meshd._replication import Replication
-from meshd._sim import WorkerSim, create_world
-from meshd._snapshot import WorldSnapshot
-from meshd._wire import CONVERTER, decode_message, encode_message
+from meshd.common.wire import CONVERTER, decode_message, encode_message
+from meshd.mesh.layout import Layout
+from meshd.mesh.messages import Reply, Restore, Step, WorldParams
+from meshd.mesh.plugins import PluginSet, load_plugins
+from meshd.mesh.replication import Replication
+from meshd.mesh.step import WorkerSim, create_world
+from meshd.store.codec import WorldSnapshot
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
 

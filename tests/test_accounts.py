@@ -13,8 +13,9 @@ import trio
 from conftest import start_daemon, wait_for_status, write_config
 from test_players import PLAYERS, gateway_of
 
-from meshd import _loadgen, client
-from meshd._core import StartupError, make_private
+from meshd import client
+from meshd.mesh.core import StartupError, make_private
+from meshd.players import loadgen
 
 
 def mode(path: Path) -> int:
@@ -125,16 +126,16 @@ def test_the_native_bots_never_run_a_file_they_did_not_build(tmp_path, monkeypat
     cache = tmp_path / "meshd"
     cache.mkdir(mode=0o777)
     cache.chmod(0o777)  # a shared, writable cache folder
-    digest = hashlib.sha256(_loadgen.SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(loadgen.SOURCE.read_bytes()).hexdigest()[:16]
     planted = cache / f"loadgen-{digest}"
     planted.write_text("#!/bin/sh\ntouch owned\n")
     planted.chmod(0o755)
-    built = _loadgen.executable()
+    built = loadgen.executable()
     assert mode(cache) == 0o700
     assert built.read_bytes() != b"#!/bin/sh\ntouch owned\n"
     assert built.read_bytes()[:4] == b"\x7fELF" and mode(built) == 0o700
     assert built.stat().st_uid == os.geteuid()
-    assert _loadgen.executable() == built  # the checked build is reused
+    assert loadgen.executable() == built  # the checked build is reused
     built.write_bytes(built.read_bytes() + b"tampered")
-    again = _loadgen.executable()  # a changed file is built anew, not run
+    again = loadgen.executable()  # a changed file is built anew, not run
     assert not again.read_bytes().endswith(b"tampered")

@@ -18,7 +18,7 @@ from conftest import (
     write_config,
 )
 
-from meshd._bench import bench_players, bench_rush, bench_sim
+from meshd.ops.bench import bench_players, bench_rush, bench_sim
 
 
 @pytest.mark.bench

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from meshd._config import ConfigError, load_config
-from meshd._core import load_plugin_set
+from meshd.common.config import ConfigError, load_config
+from meshd.mesh.core import load_plugin_set
 
 REPO = Path(__file__).resolve().parent.parent
 

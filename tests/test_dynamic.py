@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conftest import meshd_json, run_world, start_daemon, write_config
 
-from meshd import _admin
+from meshd.ops import admin
 
 WORK_US = 60.0
 RUSH_DAY = {
@@ -77,17 +77,17 @@ def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_
         while not seen or seen[-1][0] < TICKS:
             assert daemon.poll() is None, daemon.stderr.read()[-3000:]
             try:
-                status = _admin.request(socket, _admin.AdminRequest("status"), timeout=5)
-                partitions = _admin.request(socket, _admin.AdminRequest("partitions"), timeout=5)
-                stats = _admin.request(socket, _admin.AdminRequest("stats"), timeout=5)
-            except _admin.AdminError:
+                status = admin.request(socket, admin.AdminRequest("status"), timeout=5)
+                partitions = admin.request(socket, admin.AdminRequest("partitions"), timeout=5)
+                stats = admin.request(socket, admin.AdminRequest("stats"), timeout=5)
+            except admin.AdminError:
                 time.sleep(0.1)
                 continue
             tavern = _tavern_owners(partitions, 30.0, 10.0)
             if status["tick"] > 0:
                 seen.append((status["tick"], len(partitions), status["workers"], len(tavern)))
             if killed is None and status["workers"] == 2:  # a worker the planner just started
-                workers = _admin.request(socket, _admin.AdminRequest("workers"), timeout=5)
+                workers = admin.request(socket, admin.AdminRequest("workers"), timeout=5)
                 killed = max(workers, key=lambda w: w["id"])["pid"]
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.1)

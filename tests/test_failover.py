@@ -29,10 +29,10 @@ from conftest import (
 from inprocess import InProcessMesh, new_world, plugins_for
 from test_sim import FAULTY, SPACE_WORLD, TAVERN_WORLD, assert_one_owner_each
 
-from meshd._layout import Layout
-from meshd._messages import WorldParams
-from meshd._plugin import load_plugins
-from meshd._wire import CONVERTER
+from meshd.common.wire import CONVERTER
+from meshd.mesh.layout import Layout
+from meshd.mesh.messages import WorldParams
+from meshd.mesh.plugins import load_plugins
 
 
 def fault_schedule(seed: int, ticks: int, workers: int) -> dict[int, frozenset[int]]:
@@ -472,14 +472,14 @@ def test_only_the_daemons_own_user_may_release(tmp_path: Path) -> None:
         ask = textwrap.dedent(
             f"""
             import os
-            from meshd import _admin
+            from meshd.ops import admin
             os.setgid(65534)
             os.setuid(65534)
             path = {str(socket_path)!r}
-            print(_admin.request(path, _admin.AdminRequest("status"))["tick"] > 0)
+            print(admin.request(path, admin.AdminRequest("status"))["tick"] > 0)
             try:
-                _admin.request(path, _admin.AdminRequest("release", all_entities=True))
-            except _admin.AdminError as exc:
+                admin.request(path, admin.AdminRequest("release", all_entities=True))
+            except admin.AdminError as exc:
                 print(exc)
             """
         )

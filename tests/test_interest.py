@@ -8,7 +8,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshd._interest import Viewer, nearest, update_view, watch_cells
+from meshd.players.interest import Viewer, nearest, update_view, watch_cells
 
 coordinate = st.floats(0.0, 100.0)
 entities = st.lists(st.tuples(coordinate, coordinate), min_size=1, max_size=60)

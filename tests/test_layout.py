@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd._layout import Layout, clamp, leaf_rect
+from meshd.mesh.layout import Layout, clamp, leaf_rect
 
 SIZE = 400.0
 

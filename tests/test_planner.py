@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from meshd._layout import Layout
-from meshd._planner import Plan, Planner, PlannerSettings
+from meshd.mesh.layout import Layout
+from meshd.mesh.planner import Plan, Planner, PlannerSettings
 
 SIZE = 160.0
 SETTINGS = PlannerSettings(

@@ -14,7 +14,7 @@ from conftest import REPO, meshd_json, start_daemon, write_config
 from test_players import PLAYERS, gateway_of
 
 from meshd import client
-from meshd._protocol import Input, encode_frame
+from meshd.players.protocol import Input, encode_frame
 
 
 @pytest.fixture(scope="module")

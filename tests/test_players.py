@@ -22,8 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd import client
-from meshd._messages import Step
-from meshd._protocol import (
+from meshd.common.wire import decode_message, encode_message, frame
+from meshd.mesh.messages import Step
+from meshd.players.protocol import (
     CLIENT_MESSAGES,
     MAX_ARGS_DEPTH,
     SERVER_MESSAGES,
@@ -33,7 +34,6 @@ from meshd._protocol import (
     decode_client,
     encode_frame,
 )
-from meshd._wire import decode_message, encode_message, frame
 
 PLAYERS = {**TAVERN, "tick": {"persist_every": 5}}
 

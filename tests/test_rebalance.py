@@ -8,10 +8,10 @@ import pytest
 from inprocess import InProcessMesh, new_world, plugins_for
 from test_sim import SPACE_WORLD, TAVERN_WORLD, assert_one_owner_each
 
-from meshd._layout import Layout
-from meshd._messages import Step
-from meshd._planner import children
-from meshd._sim import WorkerSim
+from meshd.mesh.layout import Layout
+from meshd.mesh.messages import Step
+from meshd.mesh.planner import children
+from meshd.mesh.step import WorkerSim
 
 
 def random_layout(rng: random.Random, size: float, halo: float, max_workers: int) -> Layout:

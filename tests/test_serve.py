@@ -26,7 +26,7 @@ from conftest import (
     write_config,
 )
 
-from meshd._layout import Layout
+from meshd.mesh.layout import Layout
 
 
 @pytest.mark.parametrize("world", [TAVERN, SPACE], ids=["tavern", "space"])

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from inprocess import InProcessMesh, new_world, plugins_for
 
-from meshd._layout import Layout
-from meshd._messages import WorldParams
-from meshd._plugin import PluginError, load_plugins
-from meshd._sim import TickRng, seed_for
-from meshd._wire import CONVERTER
+from meshd.common.wire import CONVERTER
+from meshd.mesh.layout import Layout
+from meshd.mesh.messages import WorldParams
+from meshd.mesh.plugins import PluginError, load_plugins
+from meshd.mesh.step import TickRng, seed_for
 
 TAVERN_WORLD = WorldParams(size=160.0, seed=3, dt=0.05, halo=5.0)
 SPACE_WORLD = WorldParams(size=2000.0, seed=3, dt=0.05, halo=320.0)

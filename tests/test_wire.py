@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshd._messages import Fatal, Hello, Init, Reply, Step, WorldParams
-from meshd._protocol import View, encode_view
-from meshd._wire import (
+from meshd.common.wire import (
     FrameDecoder,
     WireError,
     check_wire_value,
@@ -20,6 +18,8 @@ from meshd._wire import (
     encode_message,
     frame,
 )
+from meshd.mesh.messages import Fatal, Hello, Init, Reply, Step, WorldParams
+from meshd.players.protocol import View, encode_view
 
 ALL = (Hello, Init, Step, Reply, Fatal)
 finite = st.floats(allow_nan=False, allow_infinity=False)

@@ -19,7 +19,7 @@ from typing import Any
 import cattrs
 import cbor2
 
-from meshd._messages import Bulk
+from meshd.mesh.messages import Bulk
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 1 << 20

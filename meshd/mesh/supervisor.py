@@ -1,6 +1,6 @@
 """Worker processes: start, authenticate, talk to, and stop them (trio shell).
 
-Each worker is ``python -m meshd.worker`` in its own process group (so a
+Each worker is ``python -m meshd.mesh.worker`` in its own process group (so a
 Ctrl-C aimed at the core does not hit it, and stopping kills the whole
 group). It connects back to a Unix socket in a private 0700 runtime folder
 and must present the one-time token it was started with before it gets
@@ -24,10 +24,10 @@ from typing import Any
 import attrs
 import trio
 
-from meshd._logging import get_logger
-from meshd._messages import Assign, Fatal, Hello, Init, Ready, Reply
-from meshd._wire import FrameDecoder, WireError, decode_message, encode_message, frame
-from meshd.worker import TOKEN_ENV
+from meshd.common.log import get_logger
+from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
+from meshd.mesh.messages import Assign, Fatal, Hello, Init, Ready, Reply
+from meshd.mesh.worker import TOKEN_ENV
 
 WORKER_FRAME_CAP = 1 << 30
 STARTUP_TIMEOUT = 30.0
@@ -192,7 +192,14 @@ class Supervisor:
         send, receive = trio.open_memory_channel[Any](1)
         self._pending[(worker, epoch)] = (token, send)
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "meshd.worker", str(self.socket_path), str(worker), str(epoch)],
+            [
+                sys.executable,
+                "-m",
+                "meshd.mesh.worker",
+                str(self.socket_path),
+                str(worker),
+                str(epoch),
+            ],
             env={**os.environ, TOKEN_ENV: token},
             start_new_session=True,
             stdin=subprocess.DEVNULL,

@@ -3,7 +3,7 @@
 :class:`Replication` is the core's state machine. :meth:`build_steps` turns
 what the last commit decided into one ``Step`` per worker; :meth:`commit`
 folds all workers' ``Reply`` messages for the tick into the world. It never
-waits on anything, so it is tested in-process with :class:`~meshd._sim.WorkerSim`
+waits on anything, so it is tested in-process with :class:`~meshd.mesh.step.WorkerSim`
 objects standing in for the worker processes.
 
 What the core knows, and when:
@@ -21,10 +21,10 @@ from typing import Any
 
 import attrs
 
-from meshd._layout import Layout, sorted_leaves
-from meshd._messages import Reply, Restore, Step, WorldParams
-from meshd._plugin import GATEWAY, PluginSet
-from meshd._snapshot import Delta, Row, WorldSnapshot, to_row, world_hash
+from meshd.mesh.layout import Layout, sorted_leaves
+from meshd.mesh.messages import Reply, Restore, Step, WorldParams
+from meshd.mesh.plugins import GATEWAY, PluginSet
+from meshd.store.codec import Delta, Row, WorldSnapshot, to_row, world_hash
 
 
 @attrs.define

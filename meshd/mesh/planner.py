@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping
 
 import attrs
 
-from meshd._layout import Layout, leaf_rect
+from meshd.mesh.layout import Layout, leaf_rect
 
 DRAIN_COOLDOWN = 3
 """Stopping a worker waits this many cool-downs after the last start or stop."""

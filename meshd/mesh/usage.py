@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from meshd._planner import Plan
+from meshd.mesh.planner import Plan
 
 TIMELINE_LENGTH = 20_000
 

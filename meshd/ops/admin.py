@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from meshd._core import Release, percentile
-from meshd._layout import sorted_leaves
-from meshd._wire import FrameDecoder, WireError, decode_message, encode_message, frame
+from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
+from meshd.mesh.core import Release, percentile
+from meshd.mesh.layout import sorted_leaves
 
 if TYPE_CHECKING:
-    from meshd._core import Core
+    from meshd.mesh.core import Core
 
 VIEWS = ("status", "workers", "partitions", "entity", "world", "stats", "map", "release")
 WRITES = frozenset({"release"})

@@ -32,12 +32,15 @@ import attrs
 import cbor2
 import trio
 
-from meshd._config import ConfigError, GatewayConfig
-from meshd._interest import Viewer, nearest, update_view, watch_cells
-from meshd._logging import OncePer, error_site, get_logger
-from meshd._messages import WorldParams
-from meshd._plugin import GATEWAY, INPUT_PREFIX, JOIN, LEAVE, PluginSet
-from meshd._protocol import (
+from meshd.common.config import ConfigError, GatewayConfig
+from meshd.common.log import OncePer, error_site, get_logger
+from meshd.common.wire import FrameDecoder, WireError, frame
+from meshd.mesh.messages import WorldParams
+from meshd.mesh.plugins import GATEWAY, INPUT_PREFIX, JOIN, LEAVE, PluginSet
+from meshd.mesh.replication import Replication
+from meshd.mesh.step import WorldBuilder
+from meshd.players.interest import Viewer, nearest, update_view, watch_cells
+from meshd.players.protocol import (
     MAX_CLIENT_FRAME,
     PROTOCOL_VERSION,
     Error,
@@ -51,10 +54,7 @@ from meshd._protocol import (
     encode_frame,
     encode_view,
 )
-from meshd._replication import Replication
-from meshd._sim import WorldBuilder
-from meshd._store import NO_ENTITY
-from meshd._wire import FrameDecoder, WireError, frame
+from meshd.store.db import NO_ENTITY
 
 SALT_BYTES = 16
 SEND_BUFFER = 256 << 10

@@ -27,11 +27,11 @@ from typing import Any
 
 import trio
 
-from meshd._config import Config, MeshConfig, load_config
-from meshd._core import load_plugin_set, percentile, serve, world_params
-from meshd._messages import WorldParams
-from meshd._plugin import PluginSet
-from meshd._sim import (
+from meshd.common.config import Config, MeshConfig, load_config
+from meshd.mesh.core import load_plugin_set, percentile, serve, world_params
+from meshd.mesh.messages import WorldParams
+from meshd.mesh.plugins import PluginSet
+from meshd.mesh.step import (
     Context,
     Entity,
     collect_between_ticks,
@@ -40,7 +40,7 @@ from meshd._sim import (
     run_entity,
     snapshot_views,
 )
-from meshd._snapshot import to_row, world_hash
+from meshd.store.codec import to_row, world_hash
 
 REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 
@@ -391,7 +391,7 @@ def bench_rush(
     budget_ms = 1000.0 / rate
     dynamic, static = results["dynamic"], results["static"]
     if plot is not None:
-        from meshd._plots import draw_timeline
+        from meshd.ops.plots import draw_timeline
 
         draw_timeline(timelines, budget_ms, plot)
     return {
@@ -446,7 +446,7 @@ def bench_players(
     ``engine``: the bots' (``native`` by default, so the bots' own CPU leaves
     the machine to the server it measures).
     """
-    from meshd import _admin
+    from meshd.ops import admin
 
     with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
         config = Path(tmp) / "players.toml"
@@ -508,20 +508,18 @@ def bench_players(
             )
             # Measure the server while every bot is connected and playing.
             while (
-                _admin.request(socket_path, _admin.AdminRequest("status"))["gateway"]["players"]
+                admin.request(socket_path, admin.AdminRequest("status"))["gateway"]["players"]
                 < players
                 and bots.poll() is None
             ):
                 time.sleep(0.2)
-            workers = [
-                w["pid"] for w in _admin.request(socket_path, _admin.AdminRequest("workers"))
-            ]
-            before = _admin.request(socket_path, _admin.AdminRequest("status"))
+            workers = [w["pid"] for w in admin.request(socket_path, admin.AdminRequest("workers"))]
+            before = admin.request(socket_path, admin.AdminRequest("status"))
             started = time.monotonic()
             core_before, workers_before = _cpu_seconds([server.pid]), _cpu_seconds(workers)
             bots_before = _cpu_seconds(_children(bots.pid))
             time.sleep(seconds * 0.8)
-            after = _admin.request(socket_path, _admin.AdminRequest("status"))
+            after = admin.request(socket_path, admin.AdminRequest("status"))
             core_after, workers_after = _cpu_seconds([server.pid]), _cpu_seconds(workers)
             bots_after = _cpu_seconds(_children(bots.pid))
             elapsed = time.monotonic() - started
@@ -559,15 +557,15 @@ def bench_players(
 
 
 def _wait_for_gateway(socket_path: Path, timeout: float = 60.0) -> dict[str, Any]:
-    from meshd import _admin
+    from meshd.ops import admin
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            status = _admin.request(socket_path, _admin.AdminRequest("status"), timeout=5)
+            status = admin.request(socket_path, admin.AdminRequest("status"), timeout=5)
             if status["gateway"] and status["gateway"]["address"]:
                 return status
-        except _admin.AdminError:
+        except admin.AdminError:
             pass
         time.sleep(0.2)
     raise RuntimeError("the server did not start its gateway")

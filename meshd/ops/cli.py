@@ -17,14 +17,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from meshd import _admin
-from meshd._config import Config, ConfigError, load_config
-from meshd._core import DB_NAME, SOCKET_NAME, StartupError, serve
-from meshd._logging import configure
-from meshd._plugin import PluginError
-from meshd._snapshot import world_hash
-from meshd._store import Store, StoreError
-from meshd._supervisor import WorkerFailed
+from meshd.common.config import Config, ConfigError, load_config
+from meshd.common.log import configure
+from meshd.mesh.core import DB_NAME, SOCKET_NAME, StartupError, serve
+from meshd.mesh.plugins import PluginError
+from meshd.mesh.supervisor import WorkerFailed
+from meshd.ops import admin
+from meshd.store.codec import world_hash
+from meshd.store.db import Store, StoreError
 
 app = typer.Typer(
     name="meshd",
@@ -128,10 +128,10 @@ def _data_dir(config: Path | None, data: Path | None) -> Path:
     return data if data is not None else _config(config).data_dir
 
 
-def _ask(config: Path | None, data: Path | None, request: _admin.AdminRequest) -> Any:
+def _ask(config: Path | None, data: Path | None, request: admin.AdminRequest) -> Any:
     try:
-        return _admin.request(_data_dir(config, data) / SOCKET_NAME, request)
-    except _admin.AdminError as exc:
+        return admin.request(_data_dir(config, data) / SOCKET_NAME, request)
+    except admin.AdminError as exc:
         raise _fail(str(exc), 1) from None
 
 
@@ -175,7 +175,7 @@ def inspect_status(
     config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
 ) -> None:
     """Tick, entity and worker counts, tick times."""
-    result = _ask(config, data, _admin.AdminRequest("status"))
+    result = _ask(config, data, admin.AdminRequest("status"))
     _print_json(result) if as_json else _pairs(result, "meshd status")
 
 
@@ -184,7 +184,7 @@ def inspect_workers(
     config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
 ) -> None:
     """Worker processes: pid, epoch, partitions, entities, cost."""
-    result = _ask(config, data, _admin.AdminRequest("workers"))
+    result = _ask(config, data, admin.AdminRequest("workers"))
     _print_json(result) if as_json else _table(result, "workers")
 
 
@@ -193,7 +193,7 @@ def inspect_partitions(
     config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
 ) -> None:
     """Partitions (quadtree leaves): bounds, owner, entities, cost."""
-    result = _ask(config, data, _admin.AdminRequest("partitions"))
+    result = _ask(config, data, admin.AdminRequest("partitions"))
     _print_json(result) if as_json else _table(result, "partitions")
 
 
@@ -202,7 +202,7 @@ def inspect_stats(
     config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
 ) -> None:
     """The cost report: worker-seconds used vs. static provisioning for the peak."""
-    result = _ask(config, data, _admin.AdminRequest("stats"))
+    result = _ask(config, data, admin.AdminRequest("stats"))
     _print_json(result) if as_json else _pairs(result, "meshd stats")
 
 
@@ -213,9 +213,9 @@ def inspect_map(
     data: DataOption = None,
 ) -> None:
     """Draw the world: partitions coloured by worker, entities as dots."""
-    from meshd._plots import draw_map
+    from meshd.ops.plots import draw_map
 
-    result = _ask(config, data, _admin.AdminRequest("map"))
+    result = _ask(config, data, admin.AdminRequest("map"))
     draw_map(result, png)
     errors.print(f"wrote {png} (tick {result['tick']})", highlight=False)
 
@@ -228,7 +228,7 @@ def inspect_entity(
     as_json: JsonOption = False,
 ) -> None:
     """One entity: kind, position, owner and state."""
-    result = _ask(config, data, _admin.AdminRequest("entity", entity=entity_id))
+    result = _ask(config, data, admin.AdminRequest("entity", entity=entity_id))
     _print_json(result) if as_json else _pairs(result, f"entity {entity_id}")
 
 
@@ -261,10 +261,10 @@ def inspect_world(
 ) -> None:
     """Tick, entity count and world hash; read from the database when no daemon runs."""
     data_dir = _data_dir(config, data)
-    request = _admin.AdminRequest("world", hash=with_hash)
+    request = admin.AdminRequest("world", hash=with_hash)
     try:
-        result = _admin.request(data_dir / SOCKET_NAME, request)
-    except _admin.AdminError as exc:
+        result = admin.request(data_dir / SOCKET_NAME, request)
+    except admin.AdminError as exc:
         if (data_dir / SOCKET_NAME).exists() and "no meshd daemon" not in str(exc):
             raise _fail(str(exc), 1) from None
         try:
@@ -302,7 +302,7 @@ def release_command(
     result = _ask(
         config,
         data,
-        _admin.AdminRequest(
+        admin.AdminRequest(
             "release",
             entities=entity or [],
             all_entities=everything,
@@ -342,23 +342,23 @@ def bench_command(
     ),
 ) -> None:
     """Run a benchmark scenario end to end and print its measured figures."""
-    from meshd import _bench
+    from meshd.ops import bench
 
     configure(json=True, level="error")
     if scenario == "sim":
-        result = _bench.bench_sim(npcs=npcs or 10_000, ticks=ticks, repeat=repeat)
+        result = bench.bench_sim(npcs=npcs or 10_000, ticks=ticks, repeat=repeat)
     elif scenario == "failover":
-        result = _bench.bench_failover(
+        result = bench.bench_failover(
             npcs=npcs or 10_000, seconds=seconds, rate=rate, checkpoint_every=checkpoint_every
         )
     elif scenario == "rush":
-        result = _bench.bench_rush(
+        result = bench.bench_rush(
             npcs=npcs, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
         )
     elif scenario == "players":
         if bots not in ("native", "python"):
             raise _fail(f"unknown bots engine {bots!r}; available: native, python", 2)
-        result = _bench.bench_players(players=players, seconds=seconds, rate=rate, engine=bots)
+        result = bench.bench_players(players=players, seconds=seconds, rate=rate, engine=bots)
     else:
         raise _fail(f"unknown scenario {scenario!r}; available: sim, failover, rush, players", 2)
     _print_json(result) if as_json else _pairs(result, f"bench {scenario}")
@@ -382,8 +382,8 @@ def bots_command(
     as_json: JsonOption = False,
 ) -> None:
     """Drive N real player connections from one process; exit 1 on unexpected disconnects."""
-    from meshd._bots import SCENARIOS, run_bots
-    from meshd._loadgen import LoadgenError, run_native
+    from meshd.players.bots import SCENARIOS, run_bots
+    from meshd.players.loadgen import LoadgenError, run_native
 
     if scenario not in SCENARIOS:
         raise _fail(f"unknown scenario {scenario!r}; available: {', '.join(SCENARIOS)}", 2)

@@ -2,9 +2,9 @@
 
 Frames are the same as between core and workers (4-byte big-endian length,
 then one CBOR map with a ``"type"`` key), decoded strictly by
-:mod:`meshd._wire`. ``docs/protocol.md`` is the reference; this module is its
+:mod:`meshd.common.wire`. ``docs/protocol.md`` is the reference; this module is its
 executable form. Everything wrong with received bytes raises
-:class:`ProtocolError` (a :class:`~meshd._wire.WireError`) and nothing else.
+:class:`ProtocolError` (a :class:`~meshd.common.wire.WireError`) and nothing else.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 import attrs
 import cbor2
 
-from meshd._messages import Bulk
-from meshd._wire import (
+from meshd.common.wire import (
     WireError,
     decode_cbor,
     decode_message,
@@ -26,6 +25,7 @@ from meshd._wire import (
     frame,
     structure_message,
 )
+from meshd.mesh.messages import Bulk
 
 PROTOCOL_VERSION = 1
 MAX_CLIENT_FRAME = 16 * 1024
@@ -234,7 +234,7 @@ def encode_view(
 
     Each entity changed this tick is encoded once (``cbor2.dumps(item)``)
     and its bytes spliced into every view that shows it: byte for byte what
-    :func:`~meshd._wire.encode_message` gives for the same view, at a fraction of the cost.
+    :func:`~meshd.common.wire.encode_message` gives for the same view, at a fraction of the cost.
     """
     keys = _VIEW_KEYS
     return b"".join(

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import attrs
 import cattrs
 
-from meshd._wire import CONVERTER
+from meshd.common.wire import CONVERTER
 
 DEFAULT_CONFIG = Path("meshd.toml")
 COMMAND_LINE_VARIABLES = frozenset({"MESHD_CONFIG"})

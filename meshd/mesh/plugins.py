@@ -25,7 +25,7 @@ import attrs
 import cattrs
 
 if TYPE_CHECKING:
-    from meshd._sim import Context, Entity, Event, WorldBuilder
+    from meshd.mesh.step import Context, Entity, Event, WorldBuilder
 
 System = Callable[["Entity", "Context"], None]
 EventHandler = Callable[["Entity", "Event", "Context"], None]

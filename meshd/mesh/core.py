@@ -25,20 +25,20 @@ import cattrs
 import cbor2
 import trio
 
-from meshd._config import Config, ConfigError
-from meshd._gateway import Account, Gateway, cell_size, listen
-from meshd._layout import Layout, sorted_leaves
-from meshd._logging import OncePer, error_site, get_logger
-from meshd._messages import Init, Reply, Step, WorldParams
-from meshd._planner import Planner, PlannerSettings
-from meshd._plugin import KindCodec, PluginSet, load_plugins
-from meshd._replication import CommitReport, Replication
-from meshd._sim import create_world
-from meshd._snapshot import Delta, WorldSnapshot
-from meshd._store import Store
-from meshd._supervisor import RestartBudgetExceeded, Supervisor, WorkerFailed, WorkerLink
-from meshd._usage import Sample, Usage
-from meshd._wire import CONVERTER
+from meshd.common.config import Config, ConfigError
+from meshd.common.log import OncePer, error_site, get_logger
+from meshd.common.wire import CONVERTER
+from meshd.mesh.layout import Layout, sorted_leaves
+from meshd.mesh.messages import Init, Reply, Step, WorldParams
+from meshd.mesh.planner import Planner, PlannerSettings
+from meshd.mesh.plugins import KindCodec, PluginSet, load_plugins
+from meshd.mesh.replication import CommitReport, Replication
+from meshd.mesh.step import create_world
+from meshd.mesh.supervisor import RestartBudgetExceeded, Supervisor, WorkerFailed, WorkerLink
+from meshd.mesh.usage import Sample, Usage
+from meshd.players.gateway import Account, Gateway, cell_size, listen
+from meshd.store.codec import Delta, WorldSnapshot
+from meshd.store.db import Store
 
 DB_NAME = "world.db"
 SOCKET_NAME = "meshd.sock"
@@ -658,9 +658,9 @@ async def serve(
 
     Raises :class:`ConfigError` or :class:`StartupError` before any tick if
     the configuration, plugins or data folder are unusable, or
-    :class:`~meshd._supervisor.WorkerFailed` if the workers cannot be started.
+    :class:`~meshd.mesh.supervisor.WorkerFailed` if the workers cannot be started.
     """
-    from meshd._admin import serve_admin
+    from meshd.ops.admin import serve_admin
 
     log = get_logger(component="core")
     # Past a file size limit, writes must fail with EFBIG (retried like a

@@ -1,10 +1,10 @@
-"""Worker process entry point: ``python -m meshd.worker SOCKET WORKER EPOCH``.
+"""Worker process entry point: ``python -m meshd.mesh.worker SOCKET WORKER EPOCH``.
 
 ``WORKER EPOCH`` name the process for its ``Hello`` (a warm spare uses a
 negative number); which part of the world it simulates comes later, in
 ``Assign``.
 
-A thin blocking shell around :class:`~meshd._sim.WorkerSim`: connect to the
+A thin blocking shell around :class:`~meshd.mesh.step.WorkerSim`: connect to the
 core's Unix socket, prove identity with the one-time token from the
 ``MESHD_WORKER_TOKEN`` environment variable, load the plugins named in
 ``Init``, then answer each ``Step`` with a ``Reply`` until the core closes the
@@ -21,10 +21,10 @@ import socket
 import sys
 from pathlib import Path
 
-from meshd._messages import Assign, Fatal, Hello, Init, Ready, Restore, Step
-from meshd._plugin import PluginError, load_plugins
-from meshd._sim import WorkerSim, collect_between_ticks
-from meshd._wire import CONVERTER, HEADER, decode_message, encode_message, frame
+from meshd.common.wire import CONVERTER, HEADER, decode_message, encode_message, frame
+from meshd.mesh.messages import Assign, Fatal, Hello, Init, Ready, Restore, Step
+from meshd.mesh.plugins import PluginError, load_plugins
+from meshd.mesh.step import WorkerSim, collect_between_ticks
 
 TOKEN_ENV = "MESHD_WORKER_TOKEN"
 
@@ -99,7 +99,7 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3:
-        print("usage: python -m meshd.worker SOCKET WORKER EPOCH", file=sys.stderr)
+        print("usage: python -m meshd.mesh.worker SOCKET WORKER EPOCH", file=sys.stderr)
         return 2
     token = os.environ.pop(TOKEN_ENV, "")
     # Ctrl-C goes to the core; the core stops us by closing the socket.

@@ -24,10 +24,10 @@ import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from meshd._layout import Layout, clamp
-from meshd._messages import Reply, Restore, Step, WorldParams
-from meshd._plugin import GATEWAY, EventHandler, KindCodec, PluginSet, System
-from meshd._wire import check_wire_value
+from meshd.common.wire import check_wire_value
+from meshd.mesh.layout import Layout, clamp
+from meshd.mesh.messages import Reply, Restore, Step, WorldParams
+from meshd.mesh.plugins import GATEWAY, EventHandler, KindCodec, PluginSet, System
 
 _MASK64 = (1 << 64) - 1
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import cbor2
 
-from meshd._snapshot import Delta, Row, to_row
+from meshd.store.codec import Delta, Row, to_row
 
 FORMAT = 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from meshd._sim import View
+from meshd.mesh.step import View
 
 
 def first_hit(

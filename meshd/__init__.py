@@ -1,19 +1,44 @@
 """meshd: dynamic server meshing on one host.
 
-The public plugin API lives here; everything else is in private modules
-(see ``docs/architecture.md``).
+``meshd`` itself is the plugin API (:mod:`meshd.plugin`, re-exported here);
+``meshd.client`` is the player client library. Everything else lives in
+rooms by role: ``mesh`` (the simulation mesh), ``players`` (the gateway and
+its protocol), ``store`` (the world on disk), ``ops`` (the command line,
+admin socket and benchmarks) and ``common`` (what they all share); see
+``docs/architecture.md``.
 """
 
-from meshd.mesh.geometry import first_hit
-from meshd.mesh.plugins import EventHandler, Kind, Plugin, PluginError, System, WorldHook
-from meshd.mesh.step import Context, Entity, Event, ReachError, TickRng, View, WorldBuilder
+from meshd.plugin import (
+    GATEWAY,
+    JOIN,
+    LEAVE,
+    Context,
+    Entity,
+    Event,
+    EventHandler,
+    Kind,
+    PlayerHook,
+    Plugin,
+    PluginError,
+    ReachError,
+    System,
+    TickRng,
+    View,
+    WorldBuilder,
+    WorldHook,
+    first_hit,
+)
 
 __all__ = [
+    "GATEWAY",
+    "JOIN",
+    "LEAVE",
     "Context",
     "Entity",
     "Event",
     "EventHandler",
     "Kind",
+    "PlayerHook",
     "Plugin",
     "PluginError",
     "ReachError",

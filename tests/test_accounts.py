@@ -14,7 +14,7 @@ from conftest import start_daemon, wait_for_status, write_config
 from test_players import PLAYERS, gateway_of
 
 from meshd import client
-from meshd.mesh.core import StartupError, make_private
+from meshd.ops.serve import StartupError, make_private
 from meshd.players import loadgen
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from meshd.common.config import ConfigError, load_config
-from meshd.mesh.core import load_plugin_set
+from meshd.mesh.plugins import load_plugin_set
 
 REPO = Path(__file__).resolve().parent.parent
 

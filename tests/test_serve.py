@@ -56,8 +56,9 @@ def test_restart_continues_the_same_world(tmp_path: Path) -> None:
     )
     assert meshd_json("inspect", "world", "--config", str(config))["tick"] == 200
     with sqlite3.connect(config.parent / "data" / "world.db") as db:
-        # as a database written before partitions could be quarantined
+        # as a database written before partitions could be quarantined (version 0)
         db.execute("DELETE FROM meta WHERE key = 'quarantined'")
+        db.execute("PRAGMA user_version = 0")
     meshd(
         "serve",
         "--config",

@@ -13,8 +13,8 @@ from inprocess import InProcessMesh, new_world, plugins_for
 from meshd.common.wire import CONVERTER
 from meshd.mesh.layout import Layout
 from meshd.mesh.messages import WorldParams
-from meshd.mesh.plugins import PluginError, load_plugins
-from meshd.mesh.step import TickRng, seed_for
+from meshd.mesh.plugins import load_plugins
+from meshd.plugin import PluginError, TickRng, seed_for
 
 TAVERN_WORLD = WorldParams(size=160.0, seed=3, dt=0.05, halo=5.0)
 SPACE_WORLD = WorldParams(size=2000.0, seed=3, dt=0.05, halo=320.0)

@@ -1,85 +1,34 @@
-"""Plugin API v1 and plugin discovery.
+"""Plugin discovery and the loaded plugins' tables (pure, apart from importing plugin files).
 
-A plugin is a module exposing ``plugin = meshd.Plugin(...)``. It declares
-entity kinds (frozen attrs state classes plus per-kind systems, speed and
-interaction radius), event handlers, and a world-creation hook. Plugins are
-named in ``meshd.toml`` and found in the plugin folders or through the
-``meshd.plugins`` entry-point group.
-
-The core and every worker load the same plugins into a :class:`PluginSet`,
-which flattens them into the tables the hot path uses: a tuple of systems per
-kind and one handler per event name, so a tick is plain function calls.
+Plugins (see :mod:`meshd.plugin`) are named in ``meshd.toml`` and found in
+the plugin folders or through the ``meshd.plugins`` entry-point group. The
+core and every worker load the same plugins into a :class:`PluginSet`, which
+flattens them into the tables the hot path uses: a tuple of systems per kind
+and one handler per event name, so a tick is plain function calls.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import operator
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import cattrs
 
-if TYPE_CHECKING:
-    from meshd.mesh.step import Context, Entity, Event, WorldBuilder
-
-System = Callable[["Entity", "Context"], None]
-EventHandler = Callable[["Entity", "Event", "Context"], None]
-WorldHook = Callable[["WorldBuilder"], None]
-PlayerHook = Callable[[str, "WorldBuilder"], None]
+from meshd.common.config import Config, ConfigError
+from meshd.common.wire import CONVERTER
+from meshd.plugin import EventHandler, Kind, Plugin, PluginError, System
 
 INPUT_PREFIX = "input:"
-"""Player inputs travel as events named ``input:<action>``, sent by ``GATEWAY``."""
-GATEWAY = 0
-"""The sender of player inputs (entity ids start at 1)."""
-JOIN, LEAVE = "join", "leave"
-"""Inputs the gateway sends itself when a player connects or disconnects."""
+"""Player inputs travel as events named ``input:<action>``, sent by ``meshd.plugin.GATEWAY``."""
 
 ENTRY_POINT_GROUP = "meshd.plugins"
-
-
-class PluginError(Exception):
-    """A plugin could not be found, loaded or validated."""
-
-
-@attrs.frozen
-class Kind:
-    """An entity kind.
-
-    ``state`` is a frozen attrs class whose fields are plain CBOR values
-    (int, float, str, bool, None, lists of those). ``max_speed`` is in metres
-    per simulated second, ``radius`` the farthest (in metres) a system of this
-    kind looks from the entity's position; together they set the minimum halo.
-    """
-
-    state: type
-    systems: tuple[System, ...] = ()
-    max_speed: float = 0.0
-    radius: float = 0.0
-
-
-@attrs.frozen
-class Plugin:
-    """What a plugin module exports as ``plugin``."""
-
-    name: str
-    kinds: Mapping[str, Kind] = attrs.field(factory=dict)
-    events: Mapping[str, EventHandler] = attrs.field(factory=dict)
-    create_world: WorldHook | None = None
-    settings: type | None = None
-    new_player: PlayerHook | None = None
-    """Called once per new player name: spawns that player's entity (exactly one)."""
-    inputs: Mapping[str, EventHandler] = attrs.field(factory=dict)
-    """Input handlers by action, run on the player's entity at the next tick with the
-    client's arguments as ``event.data`` (plain values, finite numbers, at most 8
-    levels deep: the gateway checked). An exception undoes that input alone and is
-    sent to the player as ``bad_input`` with its message, so name the argument in it.
-    ``join`` and ``leave`` (optional) come from the gateway itself when the player
-    connects and when the connection ends."""
 
 
 @attrs.frozen
@@ -243,3 +192,16 @@ def load_plugins(
     if unknown:
         raise PluginError(f"settings given for plugins that are not loaded: {sorted(unknown)}")
     return PluginSet(plugins, settings)
+
+
+def load_plugin_set(config: Config) -> PluginSet:
+    plugins = load_plugins(
+        config.plugins.load, config.plugin_dirs, config.plugins.settings, CONVERTER
+    )
+    need, kind = plugins.required_halo(config.world.dt)
+    if need > config.world.halo:
+        raise ConfigError(
+            f"world.halo = {config.world.halo} m is too small: kind {kind!r} reaches {need:g} m "
+            f"in one tick (radius + max_speed * dt); set world.halo >= {math.ceil(need)}"
+        )
+    return plugins

@@ -23,7 +23,8 @@ import attrs
 
 from meshd.mesh.layout import Layout, sorted_leaves
 from meshd.mesh.messages import Reply, Restore, Step, WorldParams
-from meshd.mesh.plugins import GATEWAY, PluginSet
+from meshd.mesh.plugins import PluginSet
+from meshd.plugin import GATEWAY
 from meshd.store.codec import Delta, Row, WorldSnapshot, to_row, world_hash
 
 

@@ -1,8 +1,10 @@
-"""The simulation step: what plugins see, and what a worker does with one ``Step``.
+"""The simulation step: what a worker does with one ``Step`` (pure, no I/O).
 
-Pure code, no I/O. :class:`WorkerSim` is the state machine a worker process
-wraps: ``Step`` in, ``Reply`` out. Its guarantees, which make the world
-independent of how it is partitioned (Invariant D):
+:class:`WorkerSim` is the state machine a worker process wraps: ``Step`` in,
+``Reply`` out; :func:`run_entity` runs one entity's handlers and systems
+(the plugin API they see is :mod:`meshd.plugin`). Its guarantees, which make
+the world independent of how it is partitioned (same world hash for any
+worker count, layout, re-layout or failure):
 
 - systems read only the previous tick: other entities are seen as :class:`View`
   snapshots taken before anything moves, ghosts are the previous tick's state;
@@ -18,18 +20,26 @@ from __future__ import annotations
 import gc
 import math
 import os
-import random
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from meshd.common.wire import check_wire_value
-from meshd.mesh.layout import Layout, clamp
+from meshd.mesh.layout import Layout
 from meshd.mesh.messages import Reply, Restore, Step, WorldParams
-from meshd.mesh.plugins import GATEWAY, EventHandler, KindCodec, PluginSet, System
-
-_MASK64 = (1 << 64) - 1
+from meshd.mesh.plugins import KindCodec, PluginSet
+from meshd.plugin import (
+    GATEWAY,
+    Context,
+    Entity,
+    Event,
+    EventHandler,
+    System,
+    View,
+    WorldBuilder,
+    finite_position,
+)
 
 
 def collect_between_ticks(tick: int, full_every: int = 100) -> None:
@@ -41,88 +51,6 @@ def collect_between_ticks(tick: int, full_every: int = 100) -> None:
     every tick (cheap), everything every ``full_every`` ticks.
     """
     gc.collect(2 if tick % full_every == 0 else 1)
-
-
-class ReachError(Exception):
-    """A system looked farther than its kind declared (the halo would not cover it)."""
-
-
-class TickRng(random.Random):
-    """``random.Random`` driven by splitmix64.
-
-    Seeding a Mersenne Twister costs several microseconds, too much to do
-    for every entity on every tick; splitmix64 seeds in one assignment and
-    keeps the whole ``random.Random`` API (uniform, choice, gauss, ...).
-    """
-
-    _state: int
-
-    def seed(self, a: Any = None, version: int = 2) -> None:
-        self._state = int(a or 0) & _MASK64
-
-    def _next64(self) -> int:
-        self._state = state = (self._state + 0x9E3779B97F4A7C15) & _MASK64
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
-        return state ^ (state >> 31)
-
-    def random(self) -> float:
-        return (self._next64() >> 11) * (1.0 / 9007199254740992.0)
-
-    def getrandbits(self, k: int) -> int:
-        bits, have = 0, 0
-        while have < k:
-            bits = (bits << 64) | self._next64()
-            have += 64
-        return bits >> (have - k)
-
-    def getstate(self) -> Any:
-        return self._state
-
-    def setstate(self, state: Any) -> None:
-        self._state = state
-
-
-def seed_for(seed: int, tick: int, entity_id: int) -> int:
-    """The rng seed of one entity on one tick."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + tick * 0xC2B2AE3D27D4EB4F) & _MASK64
-    return (mixed ^ (entity_id * 0x165667B19E3779F9)) & _MASK64
-
-
-class View(NamedTuple):
-    """A read-only snapshot of an entity as it was at the end of the previous tick."""
-
-    id: int
-    kind: str
-    x: float
-    y: float
-    z: float
-    state: Any
-
-
-class Event(NamedTuple):
-    """A message to an entity, sent during the previous tick."""
-
-    sender: int
-    name: str
-    data: Any
-
-
-class Entity:
-    """The entity being simulated: systems assign ``x``, ``y``, ``z`` and ``state``."""
-
-    __slots__ = ("id", "kind", "state", "x", "y", "z")
-
-    def __init__(self, entity_id: int, kind: str, x: float, y: float, z: float, state: Any):
-        self.id = entity_id
-        self.kind = kind
-        self.x = x
-        self.y = y
-        self.z = z
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"Entity({self.id}, {self.kind!r}, x={self.x:.3f}, y={self.y:.3f}, {self.state!r})"
 
 
 class SpatialIndex:
@@ -162,116 +90,6 @@ class SpatialIndex:
                         found.append(view)
         found.sort()
         return found
-
-
-class Context:
-    """What a system or event handler may do besides changing its own entity.
-
-    One Context serves a whole tick; the core of the loop points it at each
-    entity in turn.
-    """
-
-    def __init__(self, plugins: PluginSet, world: WorldParams, tick: int, index: SpatialIndex):
-        self.tick = tick
-        self.dt = world.dt
-        self.world_size = world.size
-        self.settings: Any = None
-        self.events: list[list[Any]] = []
-        self.spawns: list[list[Any]] = []
-        self.despawned: set[int] = set()
-        self._plugins = plugins
-        self._seed = world.seed
-        self._index = index
-        self._reach = {kind: plugins.reach(kind, world.dt) for kind in plugins.kinds}
-        self.max_step = {
-            kind: spec.max_speed * world.dt * (1 + 1e-9) for kind, spec in plugins.kinds.items()
-        }
-        self._me: Entity | None = None
-        self._prev: View | None = None
-        self._rng: TickRng | None = None
-        self._sent = 0
-        self._spawned = 0
-
-    def begin(self, entity: Entity, prev: View) -> None:
-        self._me, self._prev, self._rng = entity, prev, None
-        self._sent = self._spawned = 0
-        self.settings = self._plugins.kind_settings[entity.kind]
-
-    def save(self) -> tuple[Any, int, int]:
-        """What :meth:`restore` needs to undo one player input's randomness and emissions."""
-        return (None if self._rng is None else self._rng.getstate()), self._sent, self._spawned
-
-    def restore(self, saved: tuple[Any, int, int]) -> None:
-        rng_state, self._sent, self._spawned = saved
-        if rng_state is None:
-            self._rng = None
-        else:
-            assert self._rng is not None
-            self._rng.setstate(rng_state)
-
-    @property
-    def rng(self) -> TickRng:
-        """Deterministic randomness for this entity on this tick."""
-        if self._rng is None:
-            assert self._me is not None
-            self._rng = TickRng(seed_for(self._seed, self.tick, self._me.id))
-        return self._rng
-
-    def nearby(
-        self,
-        radius: float,
-        kind: str | None = None,
-        *,
-        x: float | None = None,
-        y: float | None = None,
-    ) -> list[View]:
-        """Other entities within ``radius`` of a point (default: this entity's last position).
-
-        Positions and states are those at the end of the previous tick.
-        Raises :class:`ReachError` beyond the kind's declared reach.
-        """
-        me, prev = self._me, self._prev
-        assert me is not None and prev is not None
-        cx = prev.x if x is None else x
-        cy = prev.y if y is None else y
-        if math.hypot(cx - prev.x, cy - prev.y) + radius > self._reach[me.kind] * (1 + 1e-9) + 1e-9:
-            raise ReachError(
-                f"{me.kind} {me.id} looked {radius} m around ({cx:.2f}, {cy:.2f}), beyond its "
-                f"declared reach of {self._reach[me.kind]} m (raise Kind.radius)"
-            )
-        return self._index.query(cx, cy, radius, kind, me.id)
-
-    def send(self, target: int, name: str, data: Any = None) -> None:
-        """Deliver event ``name`` to entity ``target`` on the next tick."""
-        me = self._me
-        assert me is not None
-        if name not in self._plugins.handlers:
-            raise KeyError(f"no plugin handles event {name!r}")
-        check_wire_value(data)
-        self.events.append([int(target), me.id, self._sent, name, data])
-        self._sent += 1
-
-    def spawn(self, kind: str, x: float, y: float, z: float = 0.0, state: Any = None) -> None:
-        """Create an entity at the end of this tick; its id is assigned by the core."""
-        me = self._me
-        assert me is not None
-        codec = self._plugins.codecs.get(kind)
-        if codec is None:
-            raise KeyError(f"unknown entity kind {kind!r}")
-        if state is None:
-            state = codec.cls()
-        elif type(state) is not codec.cls:
-            raise TypeError(f"state of a {kind} must be a {codec.cls.__name__}")
-        values = codec.to_wire(state)
-        check_wire_value(values)
-        x, y, z = finite_position(x, y, z, self.world_size)
-        self.spawns.append([me.id, self._spawned, kind, x, y, z, values])
-        self._spawned += 1
-
-    def despawn(self) -> None:
-        """Remove this entity at the end of this tick."""
-        assert self._me is not None
-        self.despawned.add(self._me.id)
 
 
 def run_entity(
@@ -369,6 +187,10 @@ def _check_outcome(
         check_wire_value(codec.to_wire(entity.state))
 
 
+_MESHD = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""meshd's own code: a failure raised there is a check of meshd's, not a plugin's line."""
+
+
 def describe_failure(exc: BaseException) -> list[str]:
     """``[where, error]`` of an exception raised by plugin code under :func:`run_entity`.
 
@@ -381,21 +203,13 @@ def describe_failure(exc: BaseException) -> list[str]:
     if len(frames) > 1:
         called = frames[1][0].f_code
         home = os.path.dirname(called.co_filename)
-        if os.path.dirname(__file__) != home:
+        if not home.startswith(_MESHD):
             path, line = called.co_filename, frames[1][1]
             for frame, lineno in frames[2:]:
                 if os.path.dirname(frame.f_code.co_filename) == home:
                     path, line = frame.f_code.co_filename, lineno
             where = f"{called.co_qualname} ({path}:{line})"
     return [where, f"{type(exc).__name__}: {exc}"]
-
-
-def finite_position(x: float, y: float, z: float, size: float) -> tuple[float, float, float]:
-    """``(x, y, z)`` as floats with x and y clamped into the world; ``ValueError`` if not finite."""
-    x, y, z = float(x), float(y), float(z)
-    if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
-        raise ValueError(f"position ({x}, {y}, {z}) is not finite")
-    return clamp(x, size), clamp(y, size), z
 
 
 def snapshot_views(
@@ -430,32 +244,6 @@ def group_events(
         if seqs:
             inputs[target] = seqs
     return grouped, inputs
-
-
-class WorldBuilder:
-    """Handed to ``Plugin.create_world`` to populate a new world, and to
-    ``Plugin.new_player`` (between ticks) to spawn a new player's entity."""
-
-    def __init__(
-        self, plugins: PluginSet, world: WorldParams, *, first_id: int = 1, tick: int = 0
-    ) -> None:
-        self.size = world.size
-        self.rng = TickRng(seed_for(world.seed, tick, 0 if tick == 0 else first_id))
-        self.settings: Any = None
-        self.records: list[list[Any]] = []
-        self._plugins = plugins
-        self._first_id = first_id
-
-    def spawn(self, kind: str, x: float, y: float, z: float = 0.0, state: Any = None) -> int:
-        codec = self._plugins.codecs.get(kind)
-        if codec is None:
-            raise KeyError(f"unknown entity kind {kind!r}")
-        entity_id = self._first_id + len(self.records)
-        state = codec.cls() if state is None else state
-        values = codec.to_wire(state)
-        check_wire_value(values)
-        self.records.append([entity_id, kind, *finite_position(x, y, z, self.size), values])
-        return entity_id
 
 
 def create_world(plugins: PluginSet, world: WorldParams) -> list[list[Any]]:

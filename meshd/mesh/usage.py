@@ -8,6 +8,7 @@ observed peak would have used over the same time.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from typing import Any
 
@@ -116,3 +117,11 @@ class Usage:
             "workers_started": self.workers_started,
             "workers_stopped": self.workers_stopped,
         }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]

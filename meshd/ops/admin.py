@@ -22,8 +22,9 @@ import attrs
 import trio
 
 from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
-from meshd.mesh.core import Release, percentile
+from meshd.mesh.core import Release
 from meshd.mesh.layout import sorted_leaves
+from meshd.mesh.usage import percentile
 
 if TYPE_CHECKING:
     from meshd.mesh.core import Core

@@ -28,9 +28,8 @@ from typing import Any
 import trio
 
 from meshd.common.config import Config, MeshConfig, load_config
-from meshd.mesh.core import load_plugin_set, percentile, serve, world_params
 from meshd.mesh.messages import WorldParams
-from meshd.mesh.plugins import PluginSet
+from meshd.mesh.plugins import PluginSet, load_plugin_set
 from meshd.mesh.step import (
     Context,
     Entity,
@@ -40,6 +39,8 @@ from meshd.mesh.step import (
     run_entity,
     snapshot_views,
 )
+from meshd.mesh.usage import percentile
+from meshd.ops.serve import serve, world_params
 from meshd.store.codec import to_row, world_hash
 
 REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"

@@ -19,12 +19,12 @@ from rich.table import Table
 
 from meshd.common.config import Config, ConfigError, load_config
 from meshd.common.log import configure
-from meshd.mesh.core import DB_NAME, SOCKET_NAME, StartupError, serve
-from meshd.mesh.plugins import PluginError
 from meshd.mesh.supervisor import WorkerFailed
 from meshd.ops import admin
-from meshd.store.codec import world_hash
-from meshd.store.db import Store, StoreError
+from meshd.ops.serve import SOCKET_NAME, StartupError, serve
+from meshd.plugin import PluginError
+from meshd.store.offline import offline_world
+from meshd.store.schema import StoreError
 
 app = typer.Typer(
     name="meshd",
@@ -230,26 +230,6 @@ def inspect_entity(
     """One entity: kind, position, owner and state."""
     result = _ask(config, data, admin.AdminRequest("entity", entity=entity_id))
     _print_json(result) if as_json else _pairs(result, f"entity {entity_id}")
-
-
-def offline_world(data_dir: Path, with_hash: bool) -> dict[str, Any]:
-    """The ``world`` view read straight from the database (no daemon needed)."""
-    path = data_dir / DB_NAME
-    if not path.exists():
-        raise StoreError(f"no world database at {path}")
-    store = Store(path, readonly=True)
-    try:
-        meta = store.meta()
-        if not meta:
-            raise StoreError(f"{path} holds no world yet")
-        digest = (
-            world_hash(store.rows(), meta["next_id"], meta["events"], meta["quarantined"])
-            if with_hash
-            else None
-        )
-        return {"tick": meta["tick"], "entities": store.count(), "hash": digest, "offline": True}
-    finally:
-        store.close()
 
 
 @inspect_app.command("world")

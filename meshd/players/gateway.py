@@ -36,9 +36,8 @@ from meshd.common.config import ConfigError, GatewayConfig
 from meshd.common.log import OncePer, error_site, get_logger
 from meshd.common.wire import FrameDecoder, WireError, frame
 from meshd.mesh.messages import WorldParams
-from meshd.mesh.plugins import GATEWAY, INPUT_PREFIX, JOIN, LEAVE, PluginSet
+from meshd.mesh.plugins import INPUT_PREFIX, PluginSet
 from meshd.mesh.replication import Replication
-from meshd.mesh.step import WorldBuilder
 from meshd.players.interest import Viewer, nearest, update_view, watch_cells
 from meshd.players.protocol import (
     MAX_CLIENT_FRAME,
@@ -54,7 +53,8 @@ from meshd.players.protocol import (
     encode_frame,
     encode_view,
 )
-from meshd.store.db import NO_ENTITY
+from meshd.plugin import GATEWAY, JOIN, LEAVE, WorldBuilder
+from meshd.store.schema import NO_ENTITY
 
 SALT_BYTES = 16
 SEND_BUFFER = 256 << 10

@@ -1,20 +1,25 @@
-"""The persisted form of the world, and its hash.
+"""The persisted form of the world and its hash (pure).
 
 A stored entity row is ``(id, kind, x, y, z, state)`` with ``state`` the
 canonical CBOR of the state as a field-name map, so the database stays
 readable without the plugins and survives added fields. The world hash is
 computed over exactly these rows plus what tick ``T+1`` needs (next id,
-pending events), so a live daemon and an offline database hash alike.
+pending events, quarantine), so a live daemon and an offline database hash
+alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
+import cattrs
 import cbor2
+
+from meshd.common.wire import CONVERTER
+from meshd.store.schema import StoreError
 
 Row = tuple[int, str, float, float, float, bytes]
 
@@ -46,6 +51,20 @@ class Delta:
     """Players' new entities: (name, entity id); their accounts are already stored."""
 
 
+class StateCodec(Protocol):
+    """What decoding needs of a kind's state class (``meshd.mesh.plugins.KindCodec``)."""
+
+    @property
+    def cls(self) -> type: ...
+
+    @property
+    def fields(self) -> tuple[str, ...]: ...
+
+    def from_dict(
+        self, data: Mapping[str, Any], converter: cattrs.Converter
+    ) -> tuple[Any, ...]: ...
+
+
 def encode_state(fields: Sequence[str], values: Sequence[Any]) -> bytes:
     return cbor2.dumps(dict(zip(fields, values, strict=True)), canonical=True)
 
@@ -70,3 +89,23 @@ def world_hash(
         cbor2.dumps([next_id, sorted(list(e) for e in events), sorted(quarantined)], canonical=True)
     )
     return digest.hexdigest()
+
+
+def decode_state(entity_id: int, kind: str, data: Any, codec: StateCodec) -> tuple[Any, ...]:
+    """A stored entity's state as its kind's class has it now; what to do if it cannot be."""
+    cls = codec.cls.__name__
+    gone = sorted(set(data) - set(codec.fields)) if isinstance(data, dict) else []
+    if gone:
+        raise StoreError(
+            f"stored entity {entity_id} (kind {kind!r}) has field(s) {', '.join(gone)}, which "
+            f"state class {cls} no longer defines: put them back in {cls} (a default is "
+            "enough) to load this world; a field that holds stored data cannot be removed yet"
+        )
+    try:
+        return codec.from_dict(data, CONVERTER)
+    except Exception as exc:
+        details = "; ".join(cattrs.transform_error(exc, path=cls))
+        raise StoreError(
+            f"stored entity {entity_id} (kind {kind!r}) does not fit state class {cls}: "
+            f"{details}; give new fields a default, and keep stored fields' types"
+        ) from None

@@ -1,12 +1,12 @@
-"""SQLite persistence: whole ticks only, written by one thread.
+"""SQLite persistence (a blocking shell, called from threads): whole ticks only.
 
-The database holds ``entity`` rows, a ``meta`` table (tick, seed, next id,
-pending events) and the ``player`` accounts (name, salt, secret hash,
-hashing parameters, entity). Each :class:`Delta` is one ``BEGIN IMMEDIATE ... COMMIT``
-transaction that also moves ``meta.tick``, so a reader always sees a whole
-tick. The connection is created with ``check_same_thread=False`` because the
-core drives it from worker threads; callers must serialise calls (the core
-runs one writer task).
+The tables and their migrations are :mod:`meshd.store.schema`; how rows are
+encoded, :mod:`meshd.store.codec`. Each :class:`Delta` is one ``BEGIN
+IMMEDIATE ... COMMIT`` transaction that also moves ``meta.tick``, so a reader
+always sees a whole tick; a new account is its own small transaction. The
+connection is created with ``check_same_thread=False`` because the core
+drives it from worker threads; callers must serialise calls (the core holds
+one lock for every call).
 """
 
 from __future__ import annotations
@@ -19,34 +19,10 @@ from typing import Any
 
 import cbor2
 
-from meshd.store.codec import Delta, Row, to_row
+from meshd.store.codec import Delta, Row, StateCodec, WorldSnapshot, decode_state, to_row
+from meshd.store.schema import FORMAT, NO_ENTITY, StoreError, columns, prepare, version
 
-FORMAT = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entity (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    x REAL NOT NULL,
-    y REAL NOT NULL,
-    z REAL NOT NULL,
-    state BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS player (
-    name TEXT PRIMARY KEY,
-    salt BLOB NOT NULL,
-    hash BLOB NOT NULL,
-    entity INTEGER NOT NULL,
-    kdf TEXT NOT NULL DEFAULT ''
-);
-"""
-NO_ENTITY = 0
-"""``player.entity`` of a name claimed before its entity reached the database."""
-
-
-class StoreError(Exception):
-    """The database is unreadable or from an incompatible version."""
+DB_NAME = "world.db"
 
 
 class Store:
@@ -69,19 +45,13 @@ class Store:
                 )
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-                self.db.executescript(_SCHEMA)
-                if "kdf" not in self._columns("player"):
-                    # Written before hashing parameters were stored with each account:
-                    # '' stands for the configured gateway.hash_cost (upgraded at login).
-                    self.db.execute("ALTER TABLE player ADD COLUMN kdf TEXT NOT NULL DEFAULT ''")
+                prepare(self.db)
+            self.version = version(self.db)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open world database {path}: {exc}") from exc
 
     def close(self) -> None:
         self.db.close()
-
-    def _columns(self, table: str) -> set[str]:
-        return {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
 
     def meta(self) -> dict[str, Any]:
         try:
@@ -93,8 +63,8 @@ class Store:
             raise StoreError(
                 f"{self.path} has format {meta.get('format')!r}; this meshd reads format {FORMAT}"
             )
-        if meta:
-            meta.setdefault("quarantined", [])  # written before partitions could be quarantined
+        if meta and self.version == 0:  # opened read-only, not migrated: its defaults
+            meta.setdefault("quarantined", [])
         return meta
 
     def rows(self) -> Iterator[Row]:
@@ -111,11 +81,38 @@ class Store:
 
     def players(self) -> list[tuple[str, bytes, bytes, int, str]]:
         """Every claimed player name: (name, salt, secret hash, entity id, hashing parameters)."""
-        columns = self._columns("player")
-        if not columns:
-            return []  # a database from before players existed, opened read-only
-        kdf = "kdf" if "kdf" in columns else "''"
+        found = columns(self.db, "player")
+        if not found:  # version 0 opened read-only: from before players existed
+            return []
+        kdf = "kdf" if "kdf" in found else "''"
         return list(self.db.execute(f"SELECT name, salt, hash, entity, {kdf} FROM player"))
+
+    def load_world(self, codecs: Mapping[str, StateCodec]) -> WorldSnapshot | None:
+        """The stored world as of its last tick (None if nothing was written yet).
+
+        Raises :class:`StoreError` naming the entity when a stored kind or
+        state does not fit the plugins' (``codecs``, by kind).
+        """
+        meta = self.meta()
+        if not meta:
+            return None
+        records = []
+        for entity_id, kind, x, y, z, state in self.rows():
+            codec = codecs.get(kind)
+            if codec is None:
+                raise StoreError(
+                    f"stored entity {entity_id} has kind {kind!r}, which no plugin defines"
+                )
+            values = decode_state(entity_id, kind, cbor2.loads(state), codec)
+            records.append([entity_id, kind, x, y, z, values])
+        return WorldSnapshot(
+            meta["tick"],
+            meta["seed"],
+            meta["next_id"],
+            records,
+            meta["events"],
+            meta["quarantined"],
+        )
 
     def put_account(self, name: str, salt: bytes, digest: bytes, kdf: str) -> None:
         """Claim ``name`` (or change its secret's hash), durably, in its own transaction.

@@ -1,0 +1,272 @@
+"""The daemon: ``serve()`` composes the store, supervisor, gateway, admin socket and tick loop.
+
+The startup side of the core (a trio shell): the data folder (made private,
+locked), the world loaded or created, the players' port bound, the
+configuration turned into the mesh's parameters; then one nursery with the
+persistence task, the supervisor, the signal watcher, the admin server, the
+gateway and the tick loop (:mod:`meshd.mesh.core`), stopped at a tick
+boundary with a graceful deadline for the workers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshd.common.config import Config
+from meshd.common.log import get_logger
+from meshd.mesh.core import Core, RunSummary, persist_loop, tick_loop, watch_signals
+from meshd.mesh.layout import Layout
+from meshd.mesh.messages import Init, WorldParams
+from meshd.mesh.planner import Planner, PlannerSettings
+from meshd.mesh.plugins import PluginSet, load_plugin_set
+from meshd.mesh.replication import Replication
+from meshd.mesh.step import create_world
+from meshd.mesh.supervisor import Supervisor
+from meshd.ops.admin import serve_admin
+from meshd.players.gateway import Account, Gateway, cell_size, listen
+from meshd.store.codec import Delta, WorldSnapshot
+from meshd.store.db import DB_NAME, Store
+
+SOCKET_NAME = "meshd.sock"
+
+
+LOCK_NAME = "meshd.lock"
+
+
+PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME)
+
+
+NOMINAL_RATE = 20.0
+"""Ticks per second the planner budgets for when ``tick.rate`` is 0 (as fast as possible)."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start (bad plugins, halo too small, data folder in use...)."""
+
+
+def world_params(config: Config, seed: int | None = None) -> WorldParams:
+    world = config.world
+    return WorldParams(
+        size=world.size, seed=world.seed if seed is None else seed, dt=world.dt, halo=world.halo
+    )
+
+
+def effective_grid(config: Config, workers: int) -> int:
+    """The configured grid, widened so every worker gets at least one strip."""
+    grid = config.mesh.grid
+    while grid < workers:
+        grid *= 2
+    return grid
+
+
+def planner_settings(config: Config) -> PlannerSettings:
+    """The planner's thresholds from ``[mesh]``, in CPU ms per tick and ticks."""
+    mesh, world = config.mesh, config.world
+    rate = config.tick.rate or NOMINAL_RATE
+    budget = mesh.budget_ms or 1000.0 / rate * mesh.utilisation
+    return PlannerSettings(
+        budget_ms=budget,
+        split_ms=mesh.split * budget,
+        merge_ms=mesh.merge * budget,
+        imbalance_ms=mesh.imbalance * budget,
+        min_cell=mesh.min_cell or max(4 * world.halo, world.size / 64),
+        min_workers=mesh.min_workers,
+        max_workers=max(mesh.max_workers or os.cpu_count() or 1, mesh.min_workers),
+        dwell_ticks=round(mesh.dwell * rate),
+        cooldown_ticks=round(mesh.cooldown * rate),
+    )
+
+
+def make_private(data_dir: Path) -> None:
+    """Make the data folder 0700 and the files meshd keeps there 0600, whoever made them.
+
+    The database holds players' salts and secret hashes. The database file is
+    created here, empty and 0600, so that SQLite (which gives its WAL and
+    shared-memory files the database's mode) never creates anything readable
+    by others. Raises :class:`StartupError` if the folder cannot be made private.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(data_dir / DB_NAME, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in [data_dir, *(data_dir / name for name in PRIVATE_FILES)]:
+            if path.exists():
+                path.chmod(0o700 if path.is_dir() else 0o600)
+                if path.stat().st_mode & 0o077:
+                    raise PermissionError(
+                        errno.EPERM, "its mode cannot be changed on this file system", str(path)
+                    )
+    except OSError as exc:
+        raise StartupError(
+            f"the data folder {data_dir} must be private to the user running meshd "
+            f"(folder 0700, files 0600), and {exc.filename or data_dir} cannot be made so: "
+            f"{exc.strerror}; choose another data.dir (or --data)"
+        ) from None
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data folder's OS lock; a killed core's lock dies with it."""
+    make_private(data_dir)
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another meshd is already serving {data_dir} (lock {data_dir / LOCK_NAME} is held)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def load_or_create(
+    store: Store, plugins: PluginSet, world: WorldParams
+) -> tuple[WorldSnapshot, bool]:
+    """The stored world, or a freshly created one (``True`` when created)."""
+    snapshot = store.load_world(plugins.codecs)
+    if snapshot is not None:
+        return snapshot, False
+    records = create_world(plugins, world)
+    return WorldSnapshot(0, world.seed, len(records) + 1, records, []), True
+
+
+async def serve(
+    config: Config,
+    *,
+    ticks: int | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> RunSummary:
+    """Run the world until ``ticks`` more ticks are done or a stop signal arrives.
+
+    Raises :class:`ConfigError` or :class:`StartupError` before any tick if
+    the configuration, plugins or data folder are unusable, or
+    :class:`~meshd.mesh.supervisor.WorkerFailed` if the workers cannot be started.
+    """
+
+    log = get_logger(component="core")
+    # Past a file size limit, writes must fail with EFBIG (retried like a
+    # full disk) instead of killing the core.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    plugins = load_plugin_set(config)
+    data_dir = config.data_dir
+    lock_fd = lock_data_dir(data_dir)
+    store = Store(data_dir / DB_NAME, synchronous=config.data.synchronous)
+    supervisor: Supervisor | None = None
+    try:
+        players = config.gateway.listen != ""
+        listeners = await listen(config.gateway) if players else []
+        snapshot, created = load_or_create(store, plugins, world_params(config))
+        if not created and snapshot.seed != config.world.seed:
+            log.warning(
+                "world.seed differs from the stored world's; keeping the stored seed",
+                stored=snapshot.seed,
+                configured=config.world.seed,
+            )
+        world = world_params(config, seed=snapshot.seed)
+        if created:
+            store.write(
+                Delta(0, world.seed, snapshot.next_id, [], snapshot.records, []), plugins.schema()
+            )
+            log.info("created a new world", entities=len(snapshot.records), seed=world.seed)
+        else:
+            log.info("loaded world", tick=snapshot.tick, entities=len(snapshot.records))
+        dynamic = config.mesh.mode == "dynamic"
+        workers = config.mesh.min_workers if dynamic else config.mesh.workers
+        layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
+        store_lock = trio.CapacityLimiter(1)
+
+        async def store_account(name: str, salt: bytes, digest: bytes, kdf: str) -> None:
+            await trio.to_thread.run_sync(
+                store.put_account, name, salt, digest, kdf, limiter=store_lock
+            )
+
+        replication = Replication(
+            plugins,
+            world,
+            layout,
+            snapshot,
+            quarantine_after=config.supervise.quarantine_after,
+            cell_size=cell_size(config.gateway) if players else 0.0,
+        )
+        gateway = (
+            Gateway(
+                config.gateway,
+                plugins,
+                world,
+                replication,
+                {
+                    name: Account(salt, digest, entity, kdf)
+                    for name, salt, digest, entity, kdf in store.players()
+                },
+                config.tick.rate,
+                store_account,
+            )
+            if players
+            else None
+        )
+        planner = Planner(planner_settings(config), layout, snapshot.tick) if dynamic else None
+        supervisor = Supervisor(
+            Init(
+                world=world,
+                plugins=list(config.plugins.load),
+                plugin_dirs=[str(d) for d in config.plugin_dirs],
+                settings=config.plugins.settings,
+            ),
+            max_restarts=config.supervise.max_restarts,
+            restart_window=config.supervise.restart_window,
+            spares=config.supervise.spares,
+        )
+        core = Core(config, plugins, replication, supervisor, store, store_lock, planner, gateway)
+        send_delta, receive_delta = trio.open_memory_channel[Delta](0)
+        async with trio.open_nursery() as outer:
+            outer.start_soon(persist_loop, core, receive_delta)
+            async with send_delta, trio.open_nursery() as services:
+                await supervisor.listen()
+                services.start_soon(supervisor.accept_loop)
+                services.start_soon(watch_signals, core)
+                await services.start(serve_admin, core, data_dir / SOCKET_NAME)
+                if gateway is not None:
+                    await services.start(gateway.serve, listeners)
+                await supervisor.start_all(layout.workers)
+                core.usage.begin(time.monotonic(), time.process_time(), len(supervisor.links))
+                services.start_soon(supervisor.refill_spares)
+                log.info(
+                    "serving",
+                    gateway=gateway.address if gateway is not None else None,
+                    mode=config.mesh.mode,
+                    workers=len(layout.workers),
+                    partitions=len(layout.owners),
+                    tick=replication.tick,
+                    rate=config.tick.rate,
+                    data=str(data_dir),
+                )
+                task_status.started(core)
+                try:
+                    summary = await tick_loop(core, ticks, send_delta)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await supervisor.stop_all()
+                services.cancel_scope.cancel()
+        summary.hash = replication.hash()
+        log.info(
+            "stopped",
+            tick=replication.tick,
+            persisted=core.persisted_tick,
+            ticks=summary.last_tick - summary.first_tick + 1,
+        )
+        log.info("cost report", **summary.usage)
+        return summary
+    finally:
+        if supervisor is not None:
+            supervisor.cleanup()
+        store.close()
+        (data_dir / SOCKET_NAME).unlink(missing_ok=True)
+        os.close(lock_fd)

@@ -1,0 +1,93 @@
+"""The world on disk: schema versions, migrations, and databases written by older meshd."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import PLUGINS, meshd, meshd_json, start_daemon, write_config
+from test_players import gateway_of
+
+from meshd import client
+from meshd.common.wire import CONVERTER
+from meshd.mesh.plugins import load_plugins
+from meshd.store.db import Store
+from meshd.store.schema import SCHEMA_VERSION, StoreError
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OLD_WORLDS = {
+    # commit of main that wrote it: what its tables lacked
+    "world-de19a28.db": "no hashing parameters per account",
+    "world-9a026b9.db": "no schema version",
+}
+FIXTURE_WORLD = {  # how the fixtures were made: 25 patrons, two players, 30 views each
+    "world": {"size": 60.0, "seed": 7},
+    "gateway": {"hash_cost": 10},
+    "plugins": {"load": ["tavern"], "tavern": {"npcs": 25, "drop_chance": 0.05}},
+}
+
+
+def copy_of(name: str, folder: Path) -> Path:
+    data = folder / "data"
+    data.mkdir()
+    shutil.copy(FIXTURES / name, data / "world.db")
+    return data / "world.db"
+
+
+@pytest.mark.parametrize("name", sorted(OLD_WORLDS))
+def test_an_older_database_is_migrated_and_loads(tmp_path: Path, name: str) -> None:
+    path = copy_of(name, tmp_path)
+    with sqlite3.connect(path) as db:
+        stored = db.execute("SELECT count(*) FROM entity").fetchone()[0]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    store = Store(path)
+    try:
+        assert store.version == SCHEMA_VERSION
+        accounts = {name: (entity, kdf) for name, _s, _h, entity, kdf in store.players()}
+        plugins = load_plugins(["tavern"], [PLUGINS], {"tavern": {"npcs": 25}}, CONVERTER)
+        world = store.load_world(plugins.codecs)
+    finally:
+        store.close()
+    assert world is not None and len(world.records) == stored and world.quarantined == []
+    assert sorted(accounts) == ["ada", "bea"]
+    assert {entity for entity, _kdf in accounts.values()} <= {r[0] for r in world.records}
+    expected_kdf = "" if name == "world-de19a28.db" else "scrypt:1024:8:1"
+    assert {kdf for _entity, kdf in accounts.values()} == {expected_kdf}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_WORLDS))
+def test_meshd_continues_an_older_world_and_its_players_log_in(tmp_path: Path, name: str) -> None:
+    copy_of(name, tmp_path)
+    config = write_config(tmp_path, FIXTURE_WORLD)
+    before = meshd_json("inspect", "world", "--config", str(config), "--hash")  # read-only
+    with sqlite3.connect(tmp_path / "data" / "world.db") as db:
+        ada = db.execute("SELECT entity FROM player WHERE name = 'ada'").fetchone()[0]
+    daemon = start_daemon(config, "--rate", "30")
+
+    async def log_in() -> int:
+        async with await client.connect(*gateway_of(config), "ada", "ada-secret") as me:
+            return me.entity
+
+    try:
+        assert trio.run(log_in) == ada  # her entity, with her secret
+        with pytest.raises(client.ServerError, match="auth"):
+            trio.run(client.connect, *gateway_of(config), "bea", "ada-secret")
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=30) == 0
+    after = meshd_json("inspect", "world", "--config", str(config))
+    assert after["tick"] > before["tick"]
+
+
+def test_a_database_from_a_newer_meshd_is_refused(tmp_path: Path) -> None:
+    path = copy_of("world-9a026b9.db", tmp_path)
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="use a newer meshd"):
+        Store(path)
+    config = write_config(tmp_path, FIXTURE_WORLD)
+    refused = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
+    assert refused.returncode == 1 and "use a newer meshd" in refused.stderr

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 
+from meshd.common.links import receive_frame
 from meshd.common.wire import FrameDecoder
 from meshd.players.protocol import (
     PROTOCOL_VERSION,
@@ -136,20 +137,13 @@ class Player:
 
 
 async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
-    while True:
-        body = next(decoder.frames(), None)
-        if body is not None:
-            message = decode_server(body)
-            if isinstance(message, Error) and message.code != "bad_input":
-                raise ServerError(message)
-            return message
-        try:
-            data = await stream.receive_some(1 << 16)
-        except trio.BrokenResourceError as exc:
-            raise ConnectionLost(str(exc)) from None
-        if not data:
-            raise ConnectionLost("the server closed the connection")
-        decoder.feed(data)
+    try:
+        message = decode_server(await receive_frame(stream, decoder))
+    except EOFError:
+        raise ConnectionLost("the server closed the connection") from None
+    if isinstance(message, Error) and message.code != "bad_input":
+        raise ServerError(message)
+    return message
 
 
 async def connect(host: str, port: int, name: str, secret: str) -> Player:

@@ -8,9 +8,8 @@ import pytest
 from inprocess import InProcessMesh, new_world, plugins_for
 from test_sim import SPACE_WORLD, TAVERN_WORLD, assert_one_owner_each
 
-from meshd.mesh.layout import Layout
+from meshd.mesh.layout import Layout, children
 from meshd.mesh.messages import Step
-from meshd.mesh.planner import children
 from meshd.mesh.step import WorkerSim
 
 

@@ -45,9 +45,39 @@ class Rect:
         return [self.x0, self.y0, self.x1, self.y1]
 
 
+def leaf_name(level: int, ix: int, iy: int) -> str:
+    """The name of the quadtree leaf at ``level`` (side ``size / 2**level``), column ``ix``,
+    row ``iy``: ``"level/ix/iy"``, as operators see it in ``inspect partitions``."""
+    return f"{level}/{ix}/{iy}"
+
+
+def parse_leaf(leaf: str) -> tuple[int, int, int]:
+    """``(level, ix, iy)`` of a leaf name."""
+    level, ix, iy = (int(part) for part in leaf.split("/"))
+    return level, ix, iy
+
+
+def children(leaf: str) -> list[str]:
+    """The four leaves a leaf splits into."""
+    level, ix, iy = parse_leaf(leaf)
+    return [leaf_name(level + 1, 2 * ix + dx, 2 * iy + dy) for dx in (0, 1) for dy in (0, 1)]
+
+
+def parent(leaf: str) -> str | None:
+    """The leaf four siblings merge into (None for the whole world)."""
+    level, ix, iy = parse_leaf(leaf)
+    return None if level == 0 else leaf_name(level - 1, ix // 2, iy // 2)
+
+
+def cell_of(x: float, y: float, size: float) -> tuple[int, int]:
+    """The interest cell (side ``size``) holding a point: the key the core indexes
+    records by, and the cells players watch (``Step.watch``)."""
+    return int(x // size), int(y // size)
+
+
 def leaf_rect(size: float, leaf: str) -> Rect:
     """The square covered by the quadtree leaf named ``"level/ix/iy"``."""
-    level, ix, iy = (int(part) for part in leaf.split("/"))
+    level, ix, iy = parse_leaf(leaf)
     side = size / (1 << level)
     return Rect(ix * side, iy * side, (ix + 1) * side, (iy + 1) * side)
 
@@ -84,12 +114,12 @@ class Layout:
         if not self.owners:
             raise ValueError("a layout needs at least one partition")
         self.rects = {leaf: leaf_rect(self.size, leaf) for leaf in self.owners}
-        self._depth = max(int(leaf.split("/")[0]) for leaf in self.owners)
+        self._depth = max(parse_leaf(leaf)[0] for leaf in self.owners)
         cells = 1 << self._depth
         self._cell = self.size / cells
         table: list[list[str | None]] = [[None] * cells for _ in range(cells)]
         for leaf in self.owners:
-            level, ix, iy = (int(part) for part in leaf.split("/"))
+            level, ix, iy = parse_leaf(leaf)
             span = 1 << (self._depth - level)
             for cx in range(ix * span, (ix + 1) * span):
                 for cy in range(iy * span, (iy + 1) * span):
@@ -113,7 +143,9 @@ class Layout:
         if grid < 1 or 1 << level != grid:
             raise ValueError(f"grid must be a power of two, got {grid}")
         owners = {
-            f"{level}/{ix}/{iy}": ix * workers // grid for ix in range(grid) for iy in range(grid)
+            leaf_name(level, ix, iy): ix * workers // grid
+            for ix in range(grid)
+            for iy in range(grid)
         }
         return cls(size, halo, owners)
 
@@ -177,4 +209,4 @@ class Layout:
 
 def sorted_leaves(leaves: Iterable[str]) -> list[str]:
     """Leaves in a stable, human-friendly order (level, then x, then y)."""
-    return sorted(leaves, key=lambda leaf: tuple(int(part) for part in leaf.split("/")))
+    return sorted(leaves, key=parse_leaf)

@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping
 
 import attrs
 
-from meshd.mesh.layout import Layout, leaf_rect
+from meshd.mesh.layout import Layout, children, leaf_rect, parent
 
 DRAIN_COOLDOWN = 3
 """Stopping a worker waits this many cool-downs after the last start or stop."""
@@ -62,16 +62,6 @@ class Plan:
     moves: list[tuple[str, int, int]] = attrs.field(factory=list)
     started: list[int] = attrs.field(factory=list)
     stopped: list[int] = attrs.field(factory=list)
-
-
-def children(leaf: str) -> list[str]:
-    level, ix, iy = (int(part) for part in leaf.split("/"))
-    return [f"{level + 1}/{2 * ix + dx}/{2 * iy + dy}" for dx in (0, 1) for dy in (0, 1)]
-
-
-def parent(leaf: str) -> str | None:
-    level, ix, iy = (int(part) for part in leaf.split("/"))
-    return None if level == 0 else f"{level - 1}/{ix // 2}/{iy // 2}"
 
 
 class Planner:

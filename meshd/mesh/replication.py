@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from meshd.mesh.layout import Layout, sorted_leaves
+from meshd.mesh.layout import Layout, cell_of, sorted_leaves
 from meshd.mesh.messages import Reply, Restore, Step, WorldParams
 from meshd.mesh.plugins import PluginSet
 from meshd.plugin import GATEWAY
@@ -114,7 +114,7 @@ class Replication:
         self.watch_pending: set[int] = set()
         if cell_size:
             for record in self.records.values():
-                cell = (int(record[2] // cell_size), int(record[3] // cell_size))
+                cell = cell_of(record[2], record[3], cell_size)
                 self.cells.setdefault(cell, set()).add(record[0])
         for record in sorted(self.records.values()):
             self._place(record)
@@ -459,9 +459,9 @@ class Replication:
         self.dirty.add(entity_id)
         if self.cell_size:
             size = self.cell_size
-            cell = (int(record[2] // size), int(record[3] // size))
+            cell = cell_of(record[2], record[3], size)
             if old is not None:
-                before = (int(old[2] // size), int(old[3] // size))
+                before = cell_of(old[2], old[3], size)
                 if before == cell:
                     return
                 self._leave_cell(before, entity_id)
@@ -477,9 +477,7 @@ class Replication:
     def _remove(self, entity_id: int) -> None:
         if self.cell_size:
             old = self.records[entity_id]
-            self._leave_cell(
-                (int(old[2] // self.cell_size), int(old[3] // self.cell_size)), entity_id
-            )
+            self._leave_cell(cell_of(old[2], old[3], self.cell_size), entity_id)
         del self.records[entity_id]
         del self.owner[entity_id]
         for worker in self.targets.pop(entity_id, ()):

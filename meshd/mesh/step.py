@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from meshd.common.wire import check_wire_value
-from meshd.mesh.layout import Layout
+from meshd.mesh.layout import Layout, cell_of
 from meshd.mesh.messages import Reply, Restore, Step, WorldParams
 from meshd.mesh.plugins import KindCodec, PluginSet
 from meshd.plugin import (
@@ -360,12 +360,9 @@ class WorkerSim:
         if added:
             self._unreported_in = added
 
-    def _cell(self, x: float, y: float) -> tuple[int, int]:
-        return int(x // self.watch_cell), int(y // self.watch_cell)
-
     def _report_watched(self, changed: list[int], prev: dict[int, View], reply: Reply) -> None:
         """Full records of changed entities in (or just out of) watched cells, for the views."""
-        watch, dirty, cell = self.watch, self.dirty, self._cell
+        watch, dirty, size = self.watch, self.dirty, self.watch_cell
         candidates: Iterable[int] = changed
         if self._unreported_in:
             candidates = list(dirty)
@@ -375,8 +372,8 @@ class WorkerSim:
             if entity is None or entity_id not in dirty:
                 continue
             before = prev.get(entity_id)
-            if cell(entity.x, entity.y) in watch or (
-                before is not None and cell(before.x, before.y) in watch
+            if cell_of(entity.x, entity.y, size) in watch or (
+                before is not None and cell_of(before.x, before.y, size) in watch
             ):
                 reply.dirty.append(self.record(entity))
                 dirty.discard(entity_id)

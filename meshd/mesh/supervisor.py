@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import trio
 
+from meshd.common.links import receive_frame
 from meshd.common.log import get_logger
 from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
 from meshd.mesh.messages import Assign, Fatal, Hello, Init, Ready, Reply
@@ -62,23 +63,17 @@ class WorkerLink:
 
     async def receive(self, accepted: Iterable[type]) -> Any:
         accepted = (*accepted, Fatal)
-        while True:
-            try:
-                body = next(self.decoder.frames(), None)
-                message = None if body is None else decode_message(body, accepted)
-            except WireError as exc:
-                raise WorkerFailed(self.worker, f"sent a bad frame: {exc}") from None
-            if isinstance(message, Fatal):
-                raise WorkerFailed(self.worker, message.message)
-            if message is not None:
-                return message
-            try:
-                data = await self.stream.receive_some(1 << 20)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise WorkerFailed(self.worker, f"socket failed ({exc})") from None
-            if not data:
-                raise WorkerFailed(self.worker, "closed its socket (exited?)")
-            self.decoder.feed(data)
+        try:
+            message = decode_message(
+                await receive_frame(self.stream, self.decoder, 1 << 20), accepted
+            )
+        except WireError as exc:
+            raise WorkerFailed(self.worker, f"sent a bad frame: {exc}") from None
+        except EOFError:
+            raise WorkerFailed(self.worker, "closed its socket (exited?)") from None
+        if isinstance(message, Fatal):
+            raise WorkerFailed(self.worker, message.message)
+        return message
 
     async def receive_reply(self, tick: int) -> Reply:
         """The reply for ``tick``; replies of other ticks or epochs are dropped and counted."""
@@ -141,15 +136,8 @@ class Supervisor:
     async def _greet(self, stream: trio.SocketStream) -> None:
         decoder = FrameDecoder(1 << 16)
         hello = None
-        with trio.move_on_after(STARTUP_TIMEOUT), contextlib.suppress(WireError):
-            while hello is None:
-                data = await stream.receive_some(1 << 16)
-                if not data:
-                    break
-                decoder.feed(data)
-                for body in decoder.frames():
-                    hello = decode_message(body, (Hello,))
-                    break
+        with trio.move_on_after(STARTUP_TIMEOUT), contextlib.suppress(WireError, EOFError):
+            hello = decode_message(await receive_frame(stream, decoder), (Hello,))
         pending = self._pending.get((hello.worker, hello.epoch)) if hello else None
         if hello is None or pending is None or not secrets.compare_digest(pending[0], hello.token):
             self._log.warning("rejected worker connection", reason="bad or missing hello")

@@ -21,7 +21,8 @@ import socket
 import sys
 from pathlib import Path
 
-from meshd.common.wire import CONVERTER, HEADER, decode_message, encode_message, frame
+from meshd.common.links import receive_frame_blocking
+from meshd.common.wire import CONVERTER, FrameDecoder, decode_message, encode_message, frame
 from meshd.mesh.messages import Assign, Fatal, Hello, Init, Ready, Restore, Step
 from meshd.mesh.plugins import PluginError, load_plugins
 from meshd.mesh.step import WorkerSim, collect_between_ticks
@@ -33,20 +34,12 @@ class LinkClosed(Exception):
     """The core closed the socket."""
 
 
-def _receive_exactly(sock: socket.socket, count: int) -> bytes:
-    chunks, remaining = [], count
-    while remaining:
-        chunk = sock.recv(min(remaining, 1 << 20))
-        if not chunk:
-            raise LinkClosed
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def _receive(sock: socket.socket, accepted: tuple[type, ...]) -> object:
-    (length,) = HEADER.unpack(_receive_exactly(sock, HEADER.size))
-    return decode_message(_receive_exactly(sock, length), (*accepted, Fatal))
+def _receive(sock: socket.socket, decoder: FrameDecoder, accepted: tuple[type, ...]) -> object:
+    try:
+        body = receive_frame_blocking(sock, decoder, 1 << 20)
+    except EOFError:
+        raise LinkClosed from None
+    return decode_message(body, (*accepted, Fatal))
 
 
 def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
@@ -56,8 +49,9 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
     except (FileNotFoundError, ConnectionRefusedError):
         return 0  # the core stopped while we were starting: nobody to work for
     send = sock.sendall
+    decoder = FrameDecoder(1 << 30)  # the core is trusted: a step may be large
     send(frame(encode_message(Hello(worker=worker, epoch=epoch, token=token, pid=os.getpid()))))
-    init = _receive(sock, (Init,))
+    init = _receive(sock, decoder, (Init,))
     if isinstance(init, Fatal):
         print(f"meshd worker {worker}: core refused: {init.message}", file=sys.stderr)
         return 1
@@ -70,14 +64,14 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
         send(frame(encode_message(Fatal(str(exc)))))
         return 1
     send(frame(encode_message(Ready(worker=worker))))
-    assign = _receive(sock, (Assign,))  # a warm spare waits here
+    assign = _receive(sock, decoder, (Assign,))  # a warm spare waits here
     if isinstance(assign, Fatal):
         return 0
     assert isinstance(assign, Assign)
     sim = WorkerSim(assign.worker, assign.epoch, plugins, init.world)
     gc.disable()
     while True:
-        message = _receive(sock, (Step, Restore))
+        message = _receive(sock, decoder, (Step, Restore))
         if isinstance(message, Fatal):
             return 0
         if isinstance(message, Restore):

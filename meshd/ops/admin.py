@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from meshd.common.links import receive_frame, receive_frame_blocking
 from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
 from meshd.mesh.core import Release
-from meshd.mesh.layout import sorted_leaves
+from meshd.mesh.layout import parse_leaf, sorted_leaves
 from meshd.mesh.usage import percentile
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def partitions_view(core: Core) -> list[dict[str, Any]]:
     return [
         {
             "id": leaf,
-            "depth": int(leaf.split("/")[0]),
+            "depth": parse_leaf(leaf)[0],
             "bounds": layout.rects[leaf].as_list(),
             "worker": layout.owners[leaf],
             "quarantined": layout.owners[leaf] in repl.down,
@@ -243,19 +244,15 @@ async def _handle(core: Core, stream: trio.SocketStream) -> None:
     async with stream:
         try:
             while True:
-                data = await stream.receive_some(1 << 16)
-                if not data:
-                    return
-                decoder.feed(data)
-                for body in decoder.frames():
-                    try:
-                        request = decode_message(body, (AdminRequest,))
-                    except WireError as exc:
-                        reply = AdminAnswer(ok=False, error=str(exc))
-                    else:
-                        reply = await answer(core, request, peer)
-                    await stream.send_all(frame(encode_message(reply)))
-        except (WireError, trio.BrokenResourceError, trio.ClosedResourceError):
+                body = await receive_frame(stream, decoder)
+                try:
+                    request = decode_message(body, (AdminRequest,))
+                except WireError as exc:
+                    reply = AdminAnswer(ok=False, error=str(exc))
+                else:
+                    reply = await answer(core, request, peer)
+                await stream.send_all(frame(encode_message(reply)))
+        except (EOFError, WireError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
 
@@ -283,18 +280,14 @@ def request(path: Path, request: AdminRequest, timeout: float = 60.0) -> Any:
             sock.settimeout(timeout)
             sock.connect(str(path))
             sock.sendall(frame(encode_message(request)))
-            decoder = FrameDecoder(1 << 30)
-            while True:
-                data = sock.recv(1 << 20)
-                if not data:
-                    raise AdminError("the daemon closed the admin connection")
-                decoder.feed(data)
-                for body in decoder.frames():
-                    reply = decode_message(body, (AdminAnswer,))
-                    if not reply.ok:
-                        raise AdminError(reply.error)
-                    return reply.result
+            body = receive_frame_blocking(sock, FrameDecoder(1 << 30), 1 << 20)
+    except EOFError:
+        raise AdminError("the daemon closed the admin connection") from None
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise AdminError(f"no meshd daemon is running here ({path}: {exc.strerror})") from None
     except TimeoutError:
         raise AdminError(f"the daemon at {path} did not answer within {timeout} s") from None
+    reply = decode_message(body, (AdminAnswer,))
+    if not reply.ok:
+        raise AdminError(reply.error)
+    return reply.result

@@ -33,6 +33,7 @@ import cbor2
 import trio
 
 from meshd.common.config import ConfigError, GatewayConfig
+from meshd.common.links import receive_frame
 from meshd.common.log import OncePer, error_site, get_logger
 from meshd.common.wire import FrameDecoder, WireError, frame
 from meshd.mesh.messages import WorldParams
@@ -277,18 +278,8 @@ class Gateway:
             await stream.send_all(encode_frame(Error(code, message)))
 
     async def _next_message(self, stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
-        """The next client message; EOFError when the client hangs up."""
-        while True:
-            body = next(decoder.frames(), None)
-            if body is not None:
-                return decode_client(body)
-            try:
-                data = await stream.receive_some(1 << 16)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise EOFError from None  # reset by the peer: the same as hanging up
-            if not data:
-                raise EOFError
-            decoder.feed(data)
+        """The next client message; EOFError when the client hangs up (or resets)."""
+        return decode_client(await receive_frame(stream, decoder))
 
     async def _log_in(self, login: Login) -> int:
         """Check or claim ``login.name``; the player's entity id.

@@ -22,6 +22,8 @@ import attrs
 import numpy as np
 from scipy.spatial import cKDTree
 
+from meshd.mesh.layout import cell_of
+
 _position = itemgetter(2, 3)
 """A record's (x, y), in C."""
 
@@ -43,7 +45,7 @@ def watch_cells(
 ) -> list[list[int]]:
     """Cells within ``radius`` of any position, plus one ring for a tick of movement."""
     reach = math.ceil(radius / cell) + 1
-    centres = {(int(x // cell), int(y // cell)) for x, y in positions}
+    centres = {cell_of(x, y, cell) for x, y in positions}
     cells = set()
     for cx, cy in centres:  # a crowd shares a few cells: expand each once
         for dx in range(-reach, reach + 1):

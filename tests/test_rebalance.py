@@ -8,8 +8,9 @@ import pytest
 from inprocess import InProcessMesh, new_world, plugins_for
 from test_sim import SPACE_WORLD, TAVERN_WORLD, assert_one_owner_each
 
-from meshd.mesh.layout import Layout, children
+from meshd.mesh.layout import Layout, children, parse_leaf
 from meshd.mesh.messages import Step
+from meshd.mesh.planner import Planner, PlannerSettings
 from meshd.mesh.step import WorkerSim
 
 
@@ -18,7 +19,7 @@ def random_layout(rng: random.Random, size: float, halo: float, max_workers: int
     leaves = ["0/0/0"]
     for _ in range(rng.randint(0, 10)):
         leaf = rng.choice(leaves)
-        if int(leaf.split("/")[0]) < 4:
+        if parse_leaf(leaf)[0] < 4:
             leaves.remove(leaf)
             leaves += children(leaf)
     workers = rng.sample(range(max_workers + 2), rng.randint(1, max_workers))
@@ -133,4 +134,39 @@ def test_reshaping_and_crashing_every_few_ticks_changes_nothing(name, settings, 
             assert_one_owner_each(mesh)
             assert_ghosts_where_targeted(mesh)
     assert relayouts >= 5 and kills >= 5 and moved > 0
+    assert mesh.replication.hash() == one.replication.hash()
+
+
+def test_the_planners_own_plans_applied_with_kills_change_nothing() -> None:
+    """The daemon's pipeline with its planner, in-process: whatever it measures, same world."""
+    plugins = plugins_for("tavern", npcs=300, throw_chance=0.05, drop_chance=0.01)
+    world = TAVERN_WORLD
+    one = InProcessMesh(
+        plugins, world, Layout.grid(world.size, world.halo, 1, 1), new_world(plugins, world)
+    )
+    one.run(60, 5)
+    layout = Layout.grid(world.size, world.halo, 2, 1)
+    settings = PlannerSettings(  # a tiny budget: every leaf is "hot", so plans keep coming
+        budget_ms=0.01,
+        split_ms=0.0025,
+        merge_ms=0.0,
+        imbalance_ms=0.002,
+        min_cell=20.0,
+        min_workers=1,
+        max_workers=3,
+        dwell_ticks=5,
+        cooldown_ticks=5,
+    )
+    mesh = InProcessMesh(
+        plugins, world, layout, new_world(plugins, world), planner=Planner(settings, layout, 0)
+    )
+    plans = 0
+    for tick in range(1, 61):
+        checkpoint = tick % 5 == 0 or tick == 60
+        mesh.tick(checkpoint, kill=frozenset({max(mesh.sims)}) if tick % 7 == 0 else frozenset())
+        assert_one_owner_each(mesh)
+        if checkpoint and tick < 60:
+            plans += mesh.replan()
+    assert plans >= 2 and len(mesh.replication.layout.owners) > 4
+    assert len(mesh.replication.layout.workers) > 1
     assert mesh.replication.hash() == one.replication.hash()

@@ -20,12 +20,12 @@ import trio
 
 from meshd.common.config import Config
 from meshd.common.log import OncePer, error_site, get_logger
-from meshd.mesh.layout import Layout, sorted_leaves
+from meshd.mesh.layout import sorted_leaves
 from meshd.mesh.messages import Reply, Step
-from meshd.mesh.planner import Planner
 from meshd.mesh.plugins import PluginSet
-from meshd.mesh.replication import CommitReport, Replication
+from meshd.mesh.replication import CommitReport
 from meshd.mesh.supervisor import RestartBudgetExceeded, Supervisor, WorkerFailed, WorkerLink
+from meshd.mesh.tick import Pipeline
 from meshd.mesh.usage import Sample, Usage, percentile
 from meshd.players.gateway import Gateway
 from meshd.store.codec import Delta
@@ -85,19 +85,19 @@ class Core:
         self,
         config: Config,
         plugins: PluginSet,
-        replication: Replication,
+        pipeline: Pipeline,
         supervisor: Supervisor,
         store: Store,
         store_lock: trio.CapacityLimiter,
-        planner: Planner | None = None,
         gateway: Gateway | None = None,
     ) -> None:
         self.config = config
-        self.planner = planner
+        self.pipeline = pipeline
+        self.planner = pipeline.planner
         self.gateway = gateway
         self.usage = Usage(config.mesh.mode)
         self.plugins = plugins
-        self.replication = replication
+        self.replication = replication = pipeline.replication
         self.supervisor = supervisor
         self.store = store
         self.store_lock = store_lock
@@ -176,28 +176,24 @@ async def watch_signals(core: Core) -> None:
 async def tick_loop(
     core: Core, ticks: int | None, persist: trio.MemorySendChannel[Delta]
 ) -> RunSummary:
-    repl, links = core.replication, core.supervisor.links
-    rate, persist_every = core.config.tick.rate, core.config.tick.persist_every
-    checkpoint_every = core.config.tick.checkpoint_every
+    repl, pipeline, links = core.replication, core.pipeline, core.supervisor.links
+    rate = core.config.tick.rate
     first_tick = repl.tick + 1
     entity_ticks = 0
     tick_ms: list[float] = []
     loop_started = time.perf_counter()
     next_at = trio.current_time()
     while ticks is None or repl.tick < first_tick - 1 + ticks:
-        tick = repl.tick + 1
-        final = core.stop_requested or (ticks is not None and tick == first_tick - 1 + ticks)
-        persist_now = final or tick % persist_every == 0
-        checkpoint = (
-            persist_now
-            or tick % checkpoint_every == 0
-            or bool(core.hash_waiters)
-            or bool(core.releases)
+        last = ticks is not None and repl.tick + 1 == first_tick - 1 + ticks
+        plan = pipeline.next(
+            final=core.stop_requested or last,
+            checkpoint=bool(core.hash_waiters) or bool(core.releases),
         )
+        tick, checkpoint, final = plan.tick, plan.checkpoint, plan.final
         started = time.perf_counter()
         if core.gateway is not None:
             core.gateway.before_tick(tick)
-        steps = repl.build_steps(tick, checkpoint)
+        steps = pipeline.steps(plan)
         replies: dict[int, Reply] = {}
         async with trio.open_nursery() as nursery:
             sent = _StepsSent(set(steps))
@@ -207,18 +203,11 @@ async def tick_loop(
                 # Views of the last tick while the workers simulate this one.
                 await sent.done.wait()
                 core.gateway.send_views()
-        report = repl.commit(tick, list(replies.values()), checkpoint)
+        report = pipeline.commit(plan, replies.values())
         _log_failures(core, tick, report)
         if core.gateway is not None:
             core.gateway.inputs_failed(report.input_errors)
             core.gateway.after_tick(tick)
-        if core.planner is not None:
-            for reply in replies.values():
-                # Leaves are timed around their entities' systems only; spread the
-                # rest of the step (inbound, views, reply) over them pro rata.
-                measured = sum(reply.cost_ms.values())
-                scale = reply.cpu_ms / measured if measured > 0 else 1.0
-                core.planner.observe({leaf: ms * scale for leaf, ms in reply.cost_ms.items()})
         for failover in reversed(core.failover_log):
             if failover.committed_at is not None:
                 break
@@ -238,12 +227,12 @@ async def tick_loop(
         )
         entity_ticks += len(repl.owner)
         if checkpoint:
-            await _checkpoint(core, persist, final, persist_now)
+            await _checkpoint(core, persist, final, plan.persist)
             await _release(core, stopping=final)
         if final:
             break
-        if checkpoint and core.planner is not None:
-            await _replan(core, core.planner)
+        if checkpoint:
+            await _replan(core)
         if rate > 0:
             next_at = max(next_at + 1.0 / rate, trio.current_time() - 1.0 / rate)
             await trio.sleep_until(next_at)
@@ -332,7 +321,7 @@ def _log_failures(core: Core, tick: int, report: CommitReport) -> None:
             )
 
 
-async def _replan(core: Core, planner: Planner) -> None:
+async def _replan(core: Core) -> None:
     """Ask the planner about the layout; apply its plan at this tick boundary.
 
     Runs right after a checkpoint commit, when the core holds all of
@@ -341,15 +330,13 @@ async def _replan(core: Core, planner: Planner) -> None:
     are stopped.
     """
     repl, supervisor = core.replication, core.supervisor
-    plan = planner.plan(
-        repl.tick, repl.layout, frozen_workers=repl.down, can_start=bool(supervisor.spares)
-    )
+    plan = core.pipeline.replan(can_start=bool(supervisor.spares))
     if plan is None:
         return
     started = time.perf_counter()
     for worker in plan.started:
         await supervisor.add_worker(worker)
-    handoffs = repl.relayout(Layout(repl.world.size, repl.world.halo, plan.owners))
+    handoffs = core.pipeline.reshape(plan.owners)
     for worker in plan.stopped:
         await supervisor.retire(worker)
     core.usage.plan(plan, handoffs)
@@ -442,9 +429,9 @@ async def _replace(core: Core, worker: int, tick: int) -> WorkerLink:
         started = time.perf_counter()
         try:
             link = await core.supervisor.replace(worker)
-            restore, logged = core.replication.recovery(worker)
-            await link.send(restore)
-            for missed in logged[:-1]:
+            recovery = core.pipeline.recovery(worker)
+            await link.send(recovery.restore)
+            for missed in recovery.replay:
                 await _exchange(link, missed, deadline * 2)
         except RestartBudgetExceeded:
             raise
@@ -457,7 +444,7 @@ async def _replace(core: Core, worker: int, tick: int) -> WorkerLink:
             worker=worker,
             tick=tick,
             epoch=link.epoch,
-            replayed=len(logged) - 1,
+            replayed=len(recovery.replay),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return link

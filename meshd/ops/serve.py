@@ -30,6 +30,7 @@ from meshd.mesh.plugins import PluginSet, load_plugin_set
 from meshd.mesh.replication import Replication
 from meshd.mesh.step import create_world
 from meshd.mesh.supervisor import Supervisor
+from meshd.mesh.tick import Pipeline
 from meshd.ops.admin import serve_admin
 from meshd.players.gateway import Account, Gateway, cell_size, listen
 from meshd.store.codec import Delta, WorldSnapshot
@@ -224,7 +225,13 @@ async def serve(
             restart_window=config.supervise.restart_window,
             spares=config.supervise.spares,
         )
-        core = Core(config, plugins, replication, supervisor, store, store_lock, planner, gateway)
+        pipeline = Pipeline(
+            replication,
+            checkpoint_every=config.tick.checkpoint_every,
+            persist_every=config.tick.persist_every,
+            planner=planner,
+        )
+        core = Core(config, plugins, pipeline, supervisor, store, store_lock, gateway)
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)
         async with trio.open_nursery() as outer:
             outer.start_soon(persist_loop, core, receive_delta)

@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import attrs
 
 from meshd.common.wire import check_wire_value
-from meshd.mesh.layout import clamp
-from meshd.mesh.messages import WorldParams
 
 if TYPE_CHECKING:
+    from meshd.mesh.messages import WorldParams
     from meshd.mesh.plugins import PluginSet
     from meshd.mesh.step import SpatialIndex
 
@@ -333,6 +332,15 @@ class WorldBuilder:
         check_wire_value(values)
         self.records.append([entity_id, kind, *finite_position(x, y, z, self.size), values])
         return entity_id
+
+
+def clamp(value: float, size: float) -> float:
+    """Clamp a coordinate into ``[0, size)``; NaN goes to 0."""
+    if not value >= 0.0:  # also catches NaN
+        return 0.0
+    if value >= size:
+        return math.nextafter(size, 0.0)
+    return value
 
 
 def finite_position(x: float, y: float, z: float, size: float) -> tuple[float, float, float]:

@@ -14,8 +14,8 @@ from conftest import start_daemon, wait_for_status, write_config
 from test_players import PLAYERS, gateway_of
 
 from meshd import client
+from meshd.ops import loadgen
 from meshd.ops.serve import StartupError, make_private
-from meshd.players import loadgen
 
 
 def mode(path: Path) -> int:

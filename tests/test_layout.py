@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.mesh.layout import Layout, clamp, leaf_rect
+from meshd.mesh.layout import Layout, leaf_rect
+from meshd.plugin import clamp
 
 SIZE = 400.0
 

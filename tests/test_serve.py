@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -331,3 +332,23 @@ def test_the_cost_report_counts_entities_crossing_workers(tavern_config: Path) -
         daemon.wait(timeout=30)
     assert stats["mode"] == "static" and stats["plans"] == 0 and stats["plan_handoffs"] == 0
     assert stats["handoffs"] > 10 and stats["handoffs_per_s"] > 0
+
+
+def test_each_benchmark_is_a_subcommand_with_only_its_own_options() -> None:
+    options = {
+        name: set(re.findall(r"--[a-z-]+", meshd("bench", name, "--help").stdout))
+        for name in ("sim", "failover", "rush", "players")
+    }
+    assert options["sim"] == {"--npcs", "--ticks", "--repeat", "--json", "--help"}
+    assert options["rush"] == {
+        "--npcs",
+        "--day-ticks",
+        "--rate",
+        "--max-workers",
+        "--plot",
+        "--json",
+        "--help",
+    }
+    assert "--bots" in options["players"] and "--day-ticks" not in options["players"]
+    refused = meshd("bench", "sim", "--day-ticks", "5", check=False)
+    assert refused.returncode == 2 and "No such option" in refused.stderr

@@ -14,12 +14,13 @@ import io
 import math
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NewType
 
 import cattrs
 import cbor2
 
-from meshd.mesh.messages import Bulk
+Bulk = NewType("Bulk", list)
+"""A list of per-entity items (records, events) that cattrs passes through untouched."""
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 1 << 20

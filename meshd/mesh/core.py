@@ -1,9 +1,14 @@
-"""The core's tick loop and failover: a trio shell around the replication layer.
+"""The core's tick loop: a trio shell around the tick pipeline (:mod:`meshd.mesh.tick`).
 
-The tick loop is the one serial path of the system: build steps, send them,
-wait for every reply, commit. Everything else (persistence, admin requests,
-signals) runs beside it in the same nursery (composed by
-:func:`meshd.ops.serve.serve`) and never makes it wait on disk.
+The tick loop is the one serial path of the system: build steps, send them
+(failed workers are replaced in :mod:`meshd.mesh.failover`), wait for every
+reply, commit, then at checkpoints persist, apply operators' releases and
+the planner's plans. Everything else (persistence, admin requests, signals)
+runs beside it in the same nursery (composed by :func:`meshd.ops.serve.serve`)
+and never makes it wait on disk.
+
+It is long because what one tick does reads best in one place, in the order
+it happens.
 """
 
 from __future__ import annotations
@@ -12,22 +17,21 @@ import contextlib
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
 
 from meshd.common.config import Config
 from meshd.common.log import OncePer, error_site, get_logger
+from meshd.mesh.failover import Failover, run_step
 from meshd.mesh.layout import sorted_leaves
-from meshd.mesh.messages import Reply, Step
+from meshd.mesh.messages import Reply
 from meshd.mesh.plugins import PluginSet
 from meshd.mesh.replication import CommitReport
-from meshd.mesh.supervisor import RestartBudgetExceeded, Supervisor, WorkerFailed, WorkerLink
+from meshd.mesh.supervisor import Supervisor, WorkerFailed
 from meshd.mesh.tick import Pipeline
 from meshd.mesh.usage import Sample, Usage, percentile
-from meshd.players.gateway import Gateway
 from meshd.store.codec import Delta
 from meshd.store.db import Store
 
@@ -50,6 +54,30 @@ class RunSummary:
     timeline: list[Sample] = attrs.field(factory=list)
 
 
+class Players(Protocol):
+    """What the tick loop asks of whatever serves players (the gateway, in ``players``)."""
+
+    def before_tick(self, tick: int) -> None:
+        """Inputs and new players into the world, before ``tick``'s steps are built."""
+
+    def send_views(self) -> None:
+        """Views of the last committed tick, while the workers simulate the next."""
+
+    def inputs_failed(self, failures: list[tuple[int, int, str, str]]) -> None:
+        """The inputs of the tick just committed that failed in the plugin."""
+
+    def after_tick(self, tick: int) -> None:
+        """``tick`` is committed: where to watch next, whether a view is due."""
+
+    def take_claims(self) -> list[tuple[str, int]]:
+        """Players' new entities to write with the next persisted tick."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What ``inspect status`` shows of the players."""
+        ...
+
+
 @attrs.define(eq=False)
 class Release:
     """An operator's request to run quarantined entities or partitions again.
@@ -67,17 +95,6 @@ class Release:
     result: dict[str, Any] = attrs.field(factory=dict)
 
 
-@attrs.define
-class Failover:
-    """One worker replacement, for ``inspect`` and ``bench failover``."""
-
-    worker: int
-    tick: int
-    epoch: int
-    replaced_at: float
-    committed_at: float | None = None
-
-
 class Core:
     """The running daemon's state, shared by the tick loop and the admin views."""
 
@@ -89,7 +106,7 @@ class Core:
         supervisor: Supervisor,
         store: Store,
         store_lock: trio.CapacityLimiter,
-        gateway: Gateway | None = None,
+        gateway: Players | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
@@ -198,7 +215,7 @@ async def tick_loop(
         async with trio.open_nursery() as nursery:
             sent = _StepsSent(set(steps))
             for worker, step in steps.items():
-                nursery.start_soon(_run_step, core, worker, step, replies, sent.sent)
+                nursery.start_soon(run_step, core, worker, step, replies, sent.sent)
             if core.gateway is not None:
                 # Views of the last tick while the workers simulate this one.
                 await sent.done.wait()
@@ -370,84 +387,6 @@ class _StepsSent:
         self.waiting.discard(worker)
         if not self.waiting:
             self.done.set()
-
-
-async def _exchange(
-    link: WorkerLink, step: Step, deadline: float, sent: Callable[[int], None] | None = None
-) -> Reply:
-    step.epoch = link.epoch
-    with trio.move_on_after(deadline):
-        await link.send(step)
-        if sent is not None:
-            sent(link.worker)
-        return await link.receive_reply(step.tick)
-    raise WorkerFailed(link.worker, f"missed the {deadline:g} s deadline for tick {step.tick}")
-
-
-async def _run_step(
-    core: Core, worker: int, step: Step, replies: dict[int, Reply], sent: Callable[[int], None]
-) -> None:
-    """Get ``worker``'s reply to ``step``, replacing the worker as often as it fails.
-
-    ``sent(worker)`` is called when the step is on its way, or has failed.
-    When the slot's restart budget is spent, its partitions are quarantined
-    (see :meth:`Replication.take_down`) and the tick commits without them.
-    """
-    link = core.supervisor.links[worker]
-    while True:
-        try:
-            replies[worker] = await _exchange(link, step, core.step_deadline(), sent)
-            return
-        except WorkerFailed as failure:
-            sent(worker)  # a failover takes a while: views need not wait for it
-            core.log.warning("worker failed", worker=worker, tick=step.tick, reason=failure.reason)
-        try:
-            link = await _replace(core, worker, step.tick)
-        except RestartBudgetExceeded as exhausted:
-            partitions = core.replication.take_down(worker)
-            core.log.error(
-                "partitions quarantined: their worker keeps dying; the rest of the world "
-                "ticks on, restart meshd to retry them",
-                worker=worker,
-                tick=step.tick,
-                reason=exhausted.reason,
-                partitions=partitions,
-            )
-            return
-
-
-async def _replace(core: Core, worker: int, tick: int) -> WorkerLink:
-    """Start a replacement that is exactly where the failed worker was before ``tick``.
-
-    It gets the failed worker's share of the last checkpoint, then replays
-    the steps the failed worker received since: the tick is delayed, never
-    lost. Raises :class:`RestartBudgetExceeded` when the slot keeps failing.
-    """
-    deadline = core.step_deadline()
-    while True:
-        core.failovers += 1
-        started = time.perf_counter()
-        try:
-            link = await core.supervisor.replace(worker)
-            recovery = core.pipeline.recovery(worker)
-            await link.send(recovery.restore)
-            for missed in recovery.replay:
-                await _exchange(link, missed, deadline * 2)
-        except RestartBudgetExceeded:
-            raise
-        except WorkerFailed as failure:
-            core.log.warning("replacement failed", worker=worker, reason=failure.reason)
-            continue
-        core.failover_log.append(Failover(worker, tick, link.epoch, time.monotonic()))
-        core.log.info(
-            "worker replaced",
-            worker=worker,
-            tick=tick,
-            epoch=link.epoch,
-            replayed=len(recovery.replay),
-            ms=round((time.perf_counter() - started) * 1000, 1),
-        )
-        return link
 
 
 async def _checkpoint(

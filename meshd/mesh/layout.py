@@ -82,15 +82,6 @@ def leaf_rect(size: float, leaf: str) -> Rect:
     return Rect(ix * side, iy * side, (ix + 1) * side, (iy + 1) * side)
 
 
-def clamp(value: float, size: float) -> float:
-    """Clamp a coordinate into ``[0, size)``; NaN goes to 0."""
-    if not value >= 0.0:  # also catches NaN
-        return 0.0
-    if value >= size:
-        return math.nextafter(size, 0.0)
-    return value
-
-
 @attrs.define(eq=False)
 class Layout:
     """Leaves of the world square and the worker that owns each.

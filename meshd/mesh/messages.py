@@ -13,12 +13,11 @@ message costs one cattrs call however many entities it carries:
 
 from __future__ import annotations
 
-from typing import Any, NewType
+from typing import Any
 
 import attrs
 
-Bulk = NewType("Bulk", list)
-"""A list of per-entity items that cattrs passes through untouched."""
+from meshd.common.wire import Bulk
 
 
 @attrs.frozen

@@ -6,6 +6,11 @@ folds all workers' ``Reply`` messages for the tick into the world. It never
 waits on anything, so it is tested in-process with :class:`~meshd.mesh.step.WorkerSim`
 objects standing in for the worker processes.
 
+It is long because it is one state machine: every method keeps the same
+tables (records, owners, ghost targets, outboxes, step logs, the checkpoint)
+consistent with each other, and those invariants are easier to check in one
+place than across files.
+
 What the core knows, and when:
 
 - ownership (which worker owns which entity) and ghost targets: always exact;

@@ -13,6 +13,10 @@ worker count, layout, re-layout or failure):
   sender then sequence) and ``ctx.rng`` seeded by (world seed, tick, id);
 - outputs (events, spawns) are keyed by their source entity, so the core can
   order them without caring which worker produced them.
+
+It is long because a worker's whole step is here: the hot loop over
+entities and everything it calls per entity, kept together so that the cost
+of each line on the hot path stays in view.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@
 same machine at the same time of day: a bare loop (the same plugin systems,
 no mesh, no sockets, no persistence), then ``serve`` with one and with two
 worker processes. It also checks that all three end in the same world.
+``bench_failover``, ``bench_rush`` and ``bench_players`` do the same for
+failures, a day with a rush, and player connections.
+
+It is long because each benchmark is a whole scenario (set up, run side by
+side, report figures); they share the world configurations and the
+statistics, which would otherwise be repeated in four files.
 """
 
 from __future__ import annotations

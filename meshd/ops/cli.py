@@ -3,12 +3,16 @@
 Precedence for every setting: flag > ``MESHD_*`` environment > ``meshd.toml``.
 Exit codes: 0 success (a clean SIGTERM/Ctrl-C stop included), 1 runtime
 failure, 2 usage or configuration error.
+
+It is long because it holds every command's options (typer reads them from
+the signatures); each command is a few lines over the library.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,6 +41,10 @@ inspect_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(inspect_app, name="inspect")
+bench_app = typer.Typer(
+    help="Run a benchmark end to end and print its measured figures.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one error, one line, however long
@@ -292,56 +300,90 @@ def release_command(
     _print_json(result) if as_json else _pairs(result, "released")
 
 
-@app.command("bench")
-def bench_command(
-    scenario: Annotated[str, typer.Argument(help="Scenario: sim, failover, rush or players.")],
+class BotsEngine(StrEnum):
+    native = "native"
+    python = "python"
+
+
+def _bench_output(result: dict[str, Any], as_json: bool, title: str) -> None:
+    _print_json(result) if as_json else _pairs(result, title)
+
+
+@bench_app.callback()
+def bench_callback() -> None:
+    """Run a benchmark end to end and print its measured figures (side by side in one run)."""
+    configure(json=True, level="error")
+
+
+@bench_app.command("sim")
+def bench_sim_command(
+    npcs: Annotated[int, typer.Option(min=1, help="Tavern NPCs.")] = 10_000,
+    ticks: Annotated[int, typer.Option(min=1, help="Ticks per run.")] = 200,
+    repeat: Annotated[int, typer.Option(min=1, help="Runs per variant (medians).")] = 1,
     as_json: JsonOption = False,
-    npcs: Annotated[
-        int | None,
-        typer.Option(help="Tavern NPCs [default: 10,000; rush: sized to this machine]."),
-    ] = None,
-    ticks: Annotated[int, typer.Option(help="sim: ticks per run.")] = 200,
-    repeat: Annotated[int, typer.Option(min=1, help="sim: runs per variant (medians).")] = 1,
-    seconds: Annotated[
-        float, typer.Option(help="failover, players: seconds of ticks per run.")
-    ] = 20.0,
-    rate: Annotated[float, typer.Option(help="failover: tick rate.")] = 20.0,
-    checkpoint_every: Annotated[
-        int, typer.Option(min=1, help="failover: ticks between full-state checkpoints.")
-    ] = 10,
-    day_ticks: Annotated[int, typer.Option(min=48, help="rush: ticks in one tavern day.")] = 2400,
-    max_workers: Annotated[
-        int | None, typer.Option(min=1, help="rush: worker cap for both meshes [default: cores].")
-    ] = None,
-    plot: Annotated[
-        Path | None, typer.Option(help="rush: write workers and tick times to this PNG.")
-    ] = None,
-    players: Annotated[int, typer.Option(min=1, help="players: bot connections.")] = 1000,
-    bots: Annotated[str, typer.Option(help="players: the bots' engine, native or python.")] = (
-        "native"
-    ),
 ) -> None:
-    """Run a benchmark scenario end to end and print its measured figures."""
+    """A bare single-process loop against the mesh on 1 and 2 workers, same plugin."""
     from meshd.ops import bench
 
-    configure(json=True, level="error")
-    if scenario == "sim":
-        result = bench.bench_sim(npcs=npcs or 10_000, ticks=ticks, repeat=repeat)
-    elif scenario == "failover":
-        result = bench.bench_failover(
-            npcs=npcs or 10_000, seconds=seconds, rate=rate, checkpoint_every=checkpoint_every
-        )
-    elif scenario == "rush":
-        result = bench.bench_rush(
-            npcs=npcs, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
-        )
-    elif scenario == "players":
-        if bots not in ("native", "python"):
-            raise _fail(f"unknown bots engine {bots!r}; available: native, python", 2)
-        result = bench.bench_players(players=players, seconds=seconds, rate=rate, engine=bots)
-    else:
-        raise _fail(f"unknown scenario {scenario!r}; available: sim, failover, rush, players", 2)
-    _print_json(result) if as_json else _pairs(result, f"bench {scenario}")
+    _bench_output(bench.bench_sim(npcs=npcs, ticks=ticks, repeat=repeat), as_json, "bench sim")
+
+
+@bench_app.command("failover")
+def bench_failover_command(
+    npcs: Annotated[int, typer.Option(min=1, help="Tavern NPCs.")] = 10_000,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Seconds of ticks per run.")] = 20.0,
+    rate: Annotated[float, typer.Option(min=1.0, help="Ticks per second.")] = 20.0,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="Ticks between full-state checkpoints.")
+    ] = 10,
+    as_json: JsonOption = False,
+) -> None:
+    """A worker SIGKILLed every 2 s: the stalls, against a calm run of the same world."""
+    from meshd.ops import bench
+
+    result = bench.bench_failover(
+        npcs=npcs, seconds=seconds, rate=rate, checkpoint_every=checkpoint_every
+    )
+    _bench_output(result, as_json, "bench failover")
+
+
+@bench_app.command("rush")
+def bench_rush_command(
+    npcs: Annotated[
+        int | None, typer.Option(min=1, help="Tavern NPCs [default: sized to this machine].")
+    ] = None,
+    day_ticks: Annotated[int, typer.Option(min=48, help="Ticks in one tavern day.")] = 2400,
+    rate: Annotated[float, typer.Option(min=1.0, help="Ticks per second.")] = 20.0,
+    max_workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker cap for both meshes [default: cores].")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write workers and tick times to this PNG.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A tavern day with a rush at noon: the dynamic mesh against a static grid."""
+    from meshd.ops import bench
+
+    result = bench.bench_rush(
+        npcs=npcs, day_ticks=day_ticks, rate=rate, max_workers=max_workers, plot=plot
+    )
+    _bench_output(result, as_json, "bench rush")
+
+
+@bench_app.command("players")
+def bench_players_command(
+    players: Annotated[int, typer.Option(min=1, help="Bot connections.")] = 1000,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Seconds of play.")] = 20.0,
+    rate: Annotated[float, typer.Option(min=1.0, help="Ticks per second.")] = 20.0,
+    bots: Annotated[BotsEngine, typer.Option(help="The bots' engine.")] = BotsEngine.native,
+    as_json: JsonOption = False,
+) -> None:
+    """Bot connections from a separate process against a separate server."""
+    from meshd.ops import bench
+
+    result = bench.bench_players(players=players, seconds=seconds, rate=rate, engine=bots.value)
+    _bench_output(result, as_json, "bench players")
 
 
 @app.command("bots")
@@ -362,8 +404,8 @@ def bots_command(
     as_json: JsonOption = False,
 ) -> None:
     """Drive N real player connections from one process; exit 1 on unexpected disconnects."""
-    from meshd.players.bots import SCENARIOS, run_bots
-    from meshd.players.loadgen import LoadgenError, run_native
+    from meshd.ops.bots import SCENARIOS, run_bots
+    from meshd.ops.loadgen import LoadgenError, run_native
 
     if scenario not in SCENARIOS:
         raise _fail(f"unknown scenario {scenario!r}; available: {', '.join(SCENARIOS)}", 2)

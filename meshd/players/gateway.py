@@ -14,6 +14,10 @@ straight into its socket. Only what the kernel does not take at once goes to
 the connection's writer task, through a bounded backlog.
 Everything a client can get wrong ends with one ``Error`` frame and the close
 of that connection only; nothing a client does can make the tick loop wait.
+
+It is long because the whole player path (connections, logins, inputs,
+views) still runs in the core; the next step moves it into gateway
+processes, and splits this module with it.
 """
 
 from __future__ import annotations

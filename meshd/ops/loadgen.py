@@ -1,6 +1,6 @@
 """The native bots: ``loadgen.c``, built on first use, run as a separate process.
 
-The Python bots (:mod:`meshd.players.bots`) spend about 0.2 ms of CPU on each
+The Python bots (:mod:`meshd.ops.bots`) spend about 0.2 ms of CPU on each
 64-entity view (receiving, decoding, applying it); a thousand of them at 20
 views a second would need about four cores just to read, so on a small
 machine a load test with them measures the bots. The C generator plays the

@@ -9,7 +9,8 @@ split and merge thresholds lie far apart, a leaf that just changed dwells
 before it changes again, and worker starts and stops have a cool-down.
 
 The planner only ever decides *where* entities are simulated, never what
-happens to them, so no decision of it can change the world (Invariant D).
+happens to them, so no decision of it can change the world (its hash is the same
+for any layout).
 """
 
 from __future__ import annotations

@@ -106,3 +106,9 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, environ: dict, expec
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_the_benchmarks_find_the_example_plugins(tmp_path: Path) -> None:
+    from meshd.ops.bench import _tavern_config
+
+    assert "patron" in load_plugin_set(_tavern_config(tmp_path)).kinds

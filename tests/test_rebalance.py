@@ -1,4 +1,4 @@
-"""Reshaping the mesh at tick boundaries changes nothing about the world (same hash, one owner each)."""
+"""Reshaping the mesh at tick boundaries changes nothing: same world hash, one owner each."""
 
 from __future__ import annotations
 

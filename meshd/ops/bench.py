@@ -49,7 +49,8 @@ from meshd.mesh.usage import percentile
 from meshd.ops.serve import serve, world_params
 from meshd.store.codec import to_row, world_hash
 
-REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+REPO_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+"""The example plugins of a checkout (benchmarks run the tavern)."""
 
 
 def bare_loop(

@@ -1,4 +1,4 @@
-"""A trio client for the meshd player protocol (see ``docs/protocol.md``).
+"""A trio client for the meshd player protocol (see ``docs/protocol.md``); public.
 
     async with await meshd.client.connect("127.0.0.1", 7777, "ada", "s3cret") as player:
         await player.send("move", dx=1.0, dy=0.0)

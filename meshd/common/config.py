@@ -1,5 +1,8 @@
 """Configuration: ``meshd.toml``, overridden by ``MESHD_*`` variables, overridden by flags.
 
+Pure apart from reading the one file it is given (and ``os.environ`` when no
+environment is passed).
+
 Every setting lives at ``section.key``; its environment variable is
 ``MESHD_SECTION_KEY`` (for example ``MESHD_WORLD_SEED``, ``MESHD_TICK_RATE``).
 A plugin's settings (``[plugins.NAME]``) are ``MESHD_PLUGINS_NAME_KEY``.

@@ -1,4 +1,4 @@
-"""structlog setup: a human console on a TTY, JSON lines otherwise.
+"""structlog setup: a human console on a TTY, JSON lines otherwise (pure helpers).
 
 Log calls bind context (``worker=``, ``tick=``) rather than formatting
 strings; under trio only the synchronous log methods are used.

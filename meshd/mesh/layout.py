@@ -1,4 +1,4 @@
-"""Partition layout: which square of the world each partition covers and who owns it.
+"""Partition layout: which square of the world each partition covers and who owns it (pure).
 
 Pure data and arithmetic, shared by the core and the workers so that both
 classify positions identically. Partitions are quadtree leaves named

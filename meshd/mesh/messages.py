@@ -1,4 +1,4 @@
-"""Messages between the core and its workers (attrs classes, converted with cattrs).
+"""Messages between the core and its workers (pure data: attrs classes, converted with cattrs).
 
 Bulk per-entity data travels as plain lists, not attrs objects, so that one
 message costs one cattrs call however many entities it carries:

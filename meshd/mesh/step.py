@@ -58,7 +58,11 @@ def collect_between_ticks(tick: int, full_every: int = 100) -> None:
 
 
 class SpatialIndex:
-    """Uniform grid hash of views, rebuilt every tick from the previous tick's positions."""
+    """Uniform grid hash of views, rebuilt every tick from the previous tick's positions.
+
+    Its grid (side: the halo) is this index's own, not the interest cells of
+    :func:`~meshd.mesh.layout.cell_of`; its cell math is inlined, on the hot path.
+    """
 
     def __init__(self, cell: float) -> None:
         self.cell = cell

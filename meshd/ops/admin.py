@@ -1,4 +1,4 @@
-"""The admin socket (``meshd.sock``, mode 0600) and the views ``meshd inspect`` shows.
+"""The admin socket (``meshd.sock``, mode 0600) and the views ``meshd inspect`` shows (trio shell).
 
 Requests and answers are single frames: an :class:`AdminRequest` in, an
 :class:`AdminAnswer` out. The views read the core's state between ticks

@@ -1,4 +1,4 @@
-"""PNG pictures for operators: the world map and the rush benchmark timeline.
+"""PNG pictures for operators: the world map and the rush benchmark timeline (writes files).
 
 matplotlib is imported here only, and only by the commands that draw.
 """

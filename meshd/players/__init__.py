@@ -1,0 +1,1 @@
+"""The players' side: the protocol (pure), interest management (pure) and the gateway (trio)."""

@@ -1,4 +1,6 @@
-"""Reading a world database without a daemon (``meshd inspect world`` when none runs)."""
+"""Reading a world database without a daemon (``meshd inspect world`` when none runs).
+
+A blocking shell; it opens the database read-only and never migrates it."""
 
 from __future__ import annotations
 

@@ -8,46 +8,7 @@ admin socket and benchmarks) and ``common`` (what they all share); see
 ``docs/architecture.md``.
 """
 
-from meshd.plugin import (
-    GATEWAY,
-    JOIN,
-    LEAVE,
-    Context,
-    Entity,
-    Event,
-    EventHandler,
-    Kind,
-    PlayerHook,
-    Plugin,
-    PluginError,
-    ReachError,
-    System,
-    TickRng,
-    View,
-    WorldBuilder,
-    WorldHook,
-    first_hit,
-)
-
-__all__ = [
-    "GATEWAY",
-    "JOIN",
-    "LEAVE",
-    "Context",
-    "Entity",
-    "Event",
-    "EventHandler",
-    "Kind",
-    "PlayerHook",
-    "Plugin",
-    "PluginError",
-    "ReachError",
-    "System",
-    "TickRng",
-    "View",
-    "WorldBuilder",
-    "WorldHook",
-    "first_hit",
-]
+from meshd.plugin import *  # noqa: F403 (the plugin API is meshd's own namespace)
+from meshd.plugin import __all__ as __all__
 
 __version__ = "0.1.0"

@@ -37,20 +37,15 @@ from meshd.store.codec import Delta, WorldSnapshot
 from meshd.store.db import DB_NAME, Store
 
 SOCKET_NAME = "meshd.sock"
-
-
 LOCK_NAME = "meshd.lock"
-
-
 PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME)
-
-
+"""What meshd keeps in the data folder (the admin socket is created 0600 by itself)."""
 NOMINAL_RATE = 20.0
 """Ticks per second the planner budgets for when ``tick.rate`` is 0 (as fast as possible)."""
 
 
 class StartupError(Exception):
-    """The daemon cannot start (bad plugins, halo too small, data folder in use...)."""
+    """The daemon cannot start (the data folder is in use or cannot be made private)."""
 
 
 def world_params(config: Config, seed: int | None = None) -> WorldParams:
@@ -151,7 +146,6 @@ async def serve(
     the configuration, plugins or data folder are unusable, or
     :class:`~meshd.mesh.supervisor.WorkerFailed` if the workers cannot be started.
     """
-
     log = get_logger(component="core")
     # Past a file size limit, writes must fail with EFBIG (retried like a
     # full disk) instead of killing the core.

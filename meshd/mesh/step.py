@@ -210,11 +210,11 @@ def describe_failure(exc: BaseException) -> list[str]:
     where = ""
     if len(frames) > 1:
         called = frames[1][0].f_code
-        home = os.path.dirname(called.co_filename)
-        if not home.startswith(_MESHD):
+        home = os.path.dirname(os.path.abspath(called.co_filename))
+        if home != _MESHD and not home.startswith(_MESHD + os.sep):
             path, line = called.co_filename, frames[1][1]
             for frame, lineno in frames[2:]:
-                if os.path.dirname(frame.f_code.co_filename) == home:
+                if os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == home:
                     path, line = frame.f_code.co_filename, lineno
             where = f"{called.co_qualname} ({path}:{line})"
     return [where, f"{type(exc).__name__}: {exc}"]

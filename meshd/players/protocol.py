@@ -18,6 +18,7 @@ import attrs
 import cbor2
 
 from meshd.common.wire import (
+    Bulk,
     WireError,
     decode_cbor,
     decode_message,
@@ -25,7 +26,6 @@ from meshd.common.wire import (
     frame,
     structure_message,
 )
-from meshd.mesh.messages import Bulk
 
 PROTOCOL_VERSION = 1
 MAX_CLIENT_FRAME = 16 * 1024

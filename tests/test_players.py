@@ -27,6 +27,7 @@ from meshd.mesh.messages import Step
 from meshd.players.protocol import (
     CLIENT_MESSAGES,
     MAX_ARGS_DEPTH,
+    PROTOCOL_VERSION,
     SERVER_MESSAGES,
     Input,
     Login,
@@ -162,7 +163,7 @@ def frames_of(data: bytes) -> list[dict]:
     return found
 
 
-LOGIN = encode_frame(Login(version=1, name="mallory", secret="pw"))
+LOGIN = encode_frame(Login(version=PROTOCOL_VERSION, name="mallory", secret="pw"))
 HOSTILE = [
     ("oversized length", struct.pack(">I", 1 << 30) + b"\xa0", "bad_frame"),
     ("tagged CBOR", frame(cbor2.dumps(cbor2.CBORTag(1, 5))), "bad_frame"),
@@ -218,7 +219,9 @@ def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
             for _ in range(3):
                 reset = trio.socket.socket()
                 await reset.connect(address)
-                await reset.send(encode_frame(Login(version=1, name="rst", secret="r")))
+                await reset.send(
+                    encode_frame(Login(version=PROTOCOL_VERSION, name="rst", secret="r"))
+                )
                 await trio.sleep(0.3)
                 reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 reset.close()
@@ -226,7 +229,9 @@ def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
             idle = trio.socket.socket()
             idle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await idle.connect(address)
-            await idle.send(encode_frame(Login(version=1, name="sleepy", secret="z")))
+            await idle.send(
+                encode_frame(Login(version=PROTOCOL_VERSION, name="sleepy", secret="z"))
+            )
             for _ in range(60):
                 status = await trio.to_thread.run_sync(_status, config)
                 if status["gateway"]["kicked"].get("slow"):

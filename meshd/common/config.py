@@ -85,6 +85,8 @@ class MeshConfig:
 class GatewayConfig:
     listen: str = "127.0.0.1:7777"
     """HOST:PORT for player connections; an empty string turns the gateway off."""
+    processes: int = 0
+    """Gateway processes serving the players (0: one per two CPUs, at least one)."""
     view_radius: float = 30.0
     view_max: int = 64
     view_every: int = 1
@@ -326,6 +328,12 @@ def _validate(config: Config) -> list[str]:
     need(gateway.view_max >= 1, "gateway.view_max", "a count >= 1", gateway.view_max)
     need(gateway.view_every >= 1, "gateway.view_every", "a tick count >= 1", gateway.view_every)
     need(gateway.max_clients >= 1, "gateway.max_clients", "a count >= 1", gateway.max_clients)
+    need(
+        0 <= gateway.processes <= 64,
+        "gateway.processes",
+        "a count from 1 to 64, or 0 for one per two CPUs",
+        gateway.processes,
+    )
     need(gateway.login_timeout > 0, "gateway.login_timeout", "seconds > 0", gateway.login_timeout)
     need(gateway.input_rate > 0, "gateway.input_rate", "inputs per second > 0", gateway.input_rate)
     need(gateway.input_burst >= 1, "gateway.input_burst", "a count >= 1", gateway.input_burst)

@@ -77,6 +77,10 @@ class Players(Protocol):
         """What ``inspect status`` shows of the players."""
         ...
 
+    def gateways_view(self) -> list[dict[str, Any]]:
+        """What ``inspect gateways`` shows: one row per gateway process."""
+        ...
+
 
 @attrs.define(eq=False)
 class Release:
@@ -122,6 +126,8 @@ class Core:
         self.started = time.monotonic()
         self.tick_ms: deque[float] = deque(maxlen=2000)
         self.tick_times: deque[float] = deque(maxlen=200)
+        self.tick_intervals_ms: deque[float] = deque(maxlen=2000)
+        """Wall time between consecutive tick starts: what players feel."""
         self.failovers = 0
         self.persisted_tick = replication.tick
         self.persist_failures = 0
@@ -199,6 +205,7 @@ async def tick_loop(
     entity_ticks = 0
     tick_ms: list[float] = []
     loop_started = time.perf_counter()
+    started: float | None = None
     next_at = trio.current_time()
     while ticks is None or repl.tick < first_tick - 1 + ticks:
         last = ticks is not None and repl.tick + 1 == first_tick - 1 + ticks
@@ -207,7 +214,9 @@ async def tick_loop(
             checkpoint=bool(core.hash_waiters) or bool(core.releases),
         )
         tick, checkpoint, final = plan.tick, plan.checkpoint, plan.final
-        started = time.perf_counter()
+        previous, started = started, time.perf_counter()
+        if previous is not None:
+            core.tick_intervals_ms.append((started - previous) * 1000.0)
         if core.gateway is not None:
             core.gateway.before_tick(tick)
         steps = pipeline.steps(plan)

@@ -30,12 +30,17 @@ class WorldParams:
 
 @attrs.define
 class Hello:
-    """Worker -> core, first frame: proves the worker was started by this core."""
+    """Child process -> core, first frame: proves the process was started by this core.
+
+    ``role`` says what it was started as (``"worker"``, or ``"gateway"`` for
+    the players' gateway processes); ``worker`` is its slot in that role.
+    """
 
     worker: int
     epoch: int
     token: str
     pid: int
+    role: str = "worker"
 
 
 @attrs.define

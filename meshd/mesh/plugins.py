@@ -127,6 +127,11 @@ class PluginSet:
         """Whether some plugin handles player input ``action``."""
         return INPUT_PREFIX + action in self.handlers
 
+    def input_actions(self) -> list[str]:
+        """Every player input action some plugin handles, sorted."""
+        prefix = len(INPUT_PREFIX)
+        return sorted(event[prefix:] for event in self.handlers if event.startswith(INPUT_PREFIX))
+
     def schema(self) -> dict[str, tuple[str, ...]]:
         return {name: codec.fields for name, codec in self.codecs.items()}
 

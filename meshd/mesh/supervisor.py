@@ -110,7 +110,8 @@ class Supervisor:
         self._starting: set[trio.Process] = set()
         """Processes started and not yet ready (stopped with the rest)."""
         self._epochs: dict[int, int] = {}
-        self._pending: dict[tuple[int, int], tuple[str, trio.MemorySendChannel[Any]]] = {}
+        self._pending: dict[tuple[str, int, int], tuple[str, trio.MemorySendChannel[Any]]] = {}
+        """(role, slot, epoch) of a child being started -> its token and where to hand it."""
         self._listener: trio.SocketListener | None = None
         self._log = get_logger(component="supervisor")
 
@@ -138,12 +139,13 @@ class Supervisor:
         hello = None
         with trio.move_on_after(STARTUP_TIMEOUT), contextlib.suppress(WireError, EOFError):
             hello = decode_message(await receive_frame(stream, decoder), (Hello,))
-        pending = self._pending.get((hello.worker, hello.epoch)) if hello else None
-        if hello is None or pending is None or not secrets.compare_digest(pending[0], hello.token):
-            self._log.warning("rejected worker connection", reason="bad or missing hello")
+        key = (hello.role, hello.worker, hello.epoch) if hello else None
+        pending = self._pending.get(key) if key else None
+        if key is None or pending is None or not secrets.compare_digest(pending[0], hello.token):
+            self._log.warning("rejected child connection", reason="bad or missing hello")
             await stream.aclose()
             return
-        del self._pending[(hello.worker, hello.epoch)]
+        del self._pending[key]
         await pending[1].send((stream, hello, decoder))
 
     def _next_epoch(self, worker: int) -> int:
@@ -174,39 +176,61 @@ class Supervisor:
         finally:
             self._refilling = False
 
-    async def _spawn(self, worker: int, epoch: int) -> WorkerLink:
-        """Start one process, authenticate it and wait until it has loaded its plugins."""
+    async def spawn_child(
+        self, module: str, role: str, slot: int, epoch: int, pass_fds: tuple[int, ...] = ()
+    ) -> tuple[trio.Process, trio.SocketStream, Hello, FrameDecoder]:
+        """Start ``python -m module SOCKET SLOT EPOCH [FD...]`` and wait for its ``Hello``.
+
+        The child runs in its own process group, gets a one-time token in
+        ``MESHD_WORKER_TOKEN`` and inherits ``pass_fds``. Raises
+        :class:`WorkerFailed` if it does not connect within ``STARTUP_TIMEOUT``
+        (it is killed then). The caller owns the process from here on.
+        """
         token = secrets.token_hex(16)
         send, receive = trio.open_memory_channel[Any](1)
-        self._pending[(worker, epoch)] = (token, send)
+        key = (role, slot, epoch)
+        self._pending[key] = (token, send)
         process = await trio.lowlevel.open_process(
             [
                 sys.executable,
                 "-m",
-                "meshd.mesh.worker",
+                module,
                 str(self.socket_path),
-                str(worker),
+                str(slot),
                 str(epoch),
+                *map(str, pass_fds),
             ],
             env={**os.environ, TOKEN_ENV: token},
             start_new_session=True,
             stdin=subprocess.DEVNULL,
+            pass_fds=pass_fds,
         )
         self._starting.add(process)
         try:
             with trio.move_on_after(STARTUP_TIMEOUT) as scope:
                 stream, hello, decoder = await receive.receive()
             if scope.cancelled_caught:
-                self._pending.pop((worker, epoch), None)
-                self._kill(process)
-                raise WorkerFailed(worker, f"did not connect within {STARTUP_TIMEOUT} s")
+                self._pending.pop(key, None)
+                self.kill(process)
+                raise WorkerFailed(slot, f"did not connect within {STARTUP_TIMEOUT} s")
+            return process, stream, hello, decoder
+        finally:
+            self._starting.discard(process)
+
+    async def _spawn(self, worker: int, epoch: int) -> WorkerLink:
+        """Start one worker process, authenticate it and wait until it has loaded its plugins."""
+        process, stream, hello, decoder = await self.spawn_child(
+            "meshd.mesh.worker", "worker", worker, epoch
+        )
+        self._starting.add(process)
+        try:
             decoder.max_frame = WORKER_FRAME_CAP
             link = WorkerLink(worker, epoch, hello.pid, process, stream, decoder)
             try:
                 await link.send(self.init)
                 await link.receive((Ready,))
             except WorkerFailed:
-                self._kill(process)
+                self.kill(process)
                 raise
             return link
         finally:
@@ -220,10 +244,10 @@ class Supervisor:
         """
         old = self.links.pop(worker, None)
         if old is not None:
-            self._kill(old.process)
+            self.kill(old.process)
             await old.stream.aclose()
             self.stale_frames += old.stale_frames
-            self._reap(old.process)
+            self.reap(old.process)
         now = trio.current_time()
         history = self._restarts.setdefault(worker, [])
         history[:] = [t for t in history if now - t < self.restart_window]
@@ -261,12 +285,13 @@ class Supervisor:
         async def reap() -> None:
             with trio.move_on_after(grace):
                 await link.process.wait()
-            self._kill(link.process)
+            self.kill(link.process)
             await link.process.wait()
 
         self._nursery.start_soon(reap)
 
-    def _reap(self, process: trio.Process) -> None:
+    def reap(self, process: trio.Process) -> None:
+        """Wait for a killed child in the background, so it leaves no zombie."""
         self._nursery.start_soon(process.wait)
 
     async def revive(self, worker: int) -> WorkerLink:
@@ -286,7 +311,8 @@ class Supervisor:
                 nursery.start_soon(self.start_worker, worker)
 
     @staticmethod
-    def _kill(process: trio.Process) -> None:
+    def kill(process: trio.Process) -> None:
+        """SIGKILL ``process``'s whole process group (a stopped one too)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
 
@@ -294,7 +320,7 @@ class Supervisor:
         """Close every link (workers exit on EOF), then kill what is left, and any
         process still starting."""
         for process in self._starting:
-            self._kill(process)
+            self.kill(process)
         everyone = [*self.links.values(), *self.spares]
         for link in everyone:
             await link.stream.aclose()
@@ -302,7 +328,7 @@ class Supervisor:
             for link in everyone:
                 await link.process.wait()
         for link in everyone:
-            self._kill(link.process)
+            self.kill(link.process)
             with trio.CancelScope(shield=True):
                 await link.process.wait()
         self.links.clear()

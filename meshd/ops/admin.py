@@ -30,7 +30,17 @@ from meshd.mesh.usage import percentile
 if TYPE_CHECKING:
     from meshd.mesh.core import Core
 
-VIEWS = ("status", "workers", "partitions", "entity", "world", "stats", "map", "release")
+VIEWS = (
+    "status",
+    "workers",
+    "gateways",
+    "partitions",
+    "entity",
+    "world",
+    "stats",
+    "map",
+    "release",
+)
 WRITES = frozenset({"release"})
 HASH_TIMEOUT = 30.0
 RELEASE_TIMEOUT = 60.0
@@ -67,7 +77,7 @@ def _round(value: float) -> float:
 
 
 def status_view(core: Core) -> dict[str, Any]:
-    repl, times = core.replication, list(core.tick_ms)
+    repl, times, intervals = core.replication, list(core.tick_ms), list(core.tick_intervals_ms)
     return {
         "tick": repl.tick,
         "entities": len(repl.owner),
@@ -80,6 +90,10 @@ def status_view(core: Core) -> dict[str, Any]:
         "rate_hz": _round(core.rate_hz()),
         "target_rate_hz": core.config.tick.rate,
         "tick_ms": {"p50": _round(percentile(times, 50)), "p99": _round(percentile(times, 99))},
+        "tick_interval_ms": {
+            "p50": _round(percentile(intervals, 50)),
+            "p99": _round(percentile(intervals, 99)),
+        },
         "plugin_errors": repl.errors_total,
         "quarantined": sorted(repl.quarantined),
         "quarantined_partitions": sorted_leaves(
@@ -216,6 +230,8 @@ async def answer(
             result: Any = status_view(core)
         elif request.view == "workers":
             result = workers_view(core)
+        elif request.view == "gateways":
+            result = core.gateway.gateways_view() if core.gateway is not None else []
         elif request.view == "partitions":
             result = partitions_view(core)
         elif request.view == "entity":

@@ -14,6 +14,7 @@ statistics, which would otherwise be repeated in four files.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -27,10 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from meshd.common.config import Config, MeshConfig, load_config
@@ -46,7 +49,8 @@ from meshd.mesh.step import (
     snapshot_views,
 )
 from meshd.mesh.usage import percentile
-from meshd.ops.serve import serve, world_params
+from meshd.ops import admin
+from meshd.ops.serve import SOCKET_NAME, serve, world_params
 from meshd.store.codec import to_row, world_hash
 
 REPO_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
@@ -421,17 +425,55 @@ def bench_rush(
     }
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of running processes (Linux ``/proc``)."""
+PLAYERS_WINDOW_SHARE = 0.8
+"""The share of the bots' play that ``bench players`` measures: the rest is slack
+for the bots starting their clock a little after the server sees them all."""
+ADMIN_TIMEOUT = 10.0
+"""Seconds one admin request of ``bench players`` may take (a server slower than this is stuck)."""
+CONNECT_STALL = 10.0
+"""Seconds without a new player, once some are in, before the rest are given up on."""
+BOTS_GRACE = 120.0
+"""Seconds past their play the bots get to print their summary (many Python bots close slowly)."""
+STOP_TIMEOUT = 60.0
+"""Seconds a SIGTERMed server gets to write its last tick before it is killed."""
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not measure anything (the server or its bots did not get going)."""
+
+
+@attrs.frozen
+class WindowCpu:
+    """CPU seconds each group of processes used in a measurement window, and the groups' sizes."""
+
+    core: float
+    workers: float
+    gateways: float
+    bots: float
+    worker_processes: int = 0
+    gateway_processes: int = 0
+
+
+def _cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    """User + system CPU seconds of each running process (Linux ``/proc``); gone ones left out."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    seconds: dict[int, float] = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def _cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two readings by the processes alive at both.
+
+    A process that ended (or was replaced) in between is left out: counting
+    only its first reading would subtract the time it had used before.
+    """
+    return sum(max(0.0, after[pid] - before[pid]) for pid in before.keys() & after.keys())
 
 
 def _children(pid: int) -> list[int]:
@@ -443,137 +485,428 @@ def _children(pid: int) -> list[int]:
     return [pid, *map(int, children)]
 
 
-def bench_players(
-    players: int = 1000, seconds: float = 30.0, rate: float = 20.0, engine: str = "native"
+def _gateway_players(status: dict[str, Any]) -> int:
+    """Players the server holds (over all its gateways); 0 without a gateway."""
+    gateway = status.get("gateway")
+    return int(gateway["players"]) if gateway else 0
+
+
+def _bytes_sent(status: dict[str, Any]) -> int:
+    """Bytes the server has sent to players (over all its gateways); 0 without a gateway."""
+    gateway = status.get("gateway")
+    return int(gateway["bytes_sent"]) if gateway else 0
+
+
+def _per_second(value: float, elapsed: float, digits: int = 2) -> float:
+    return round(value / elapsed, digits)
+
+
+def players_row(
+    *,
+    players: int,
+    rate: float,
+    engine: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    cpu: WindowCpu,
+    bots: dict[str, Any] | None,
+    elapsed: float,
+    gateway_rows: list[dict[str, Any]],
+    load_before: float,
+    incomplete: str | None = None,
 ) -> dict[str, Any]:
-    """``players`` bot connections from a separate process against a separate server.
+    """One ``bench players`` row from what a measurement window saw; pure, so tested on its own.
+
+    ``before``/``after``: the admin ``status`` at the window's two ends;
+    ``cpu``: what each group of processes used in between; ``bots``: the
+    bots' summary (``None`` when they printed none: their figures are then
+    ``None``, as are counters bots of an older build do not keep);
+    ``gateway_rows``: the admin ``gateways`` rows at the window's end;
+    ``incomplete``: why the window is not the whole story, if it is not.
+
+    Per-player figures divide by the players the server held during the
+    window (the mean of its two ends): what the server actually carried, even
+    when a few bots never got in.
+
+    ``server_cpu_ms_per_player_s`` is the server's CPU (core, workers and
+    gateways) per player per second of wall time. A server that falls behind
+    its target rate runs fewer ticks each second, so it does less work each
+    second and looks cheaper per player than it would be at full rate.
+    ``..._at_20hz`` scales it by target / measured rate (only when below the
+    target): the cost at the target rate (20 Hz unless ``--rate`` says
+    otherwise) if each tick cost what it did, so the rows of a series compare
+    like with like. Both are ``None`` when the server held no player.
+
+    Raises :class:`ValueError` for an empty window (``elapsed`` not > 0).
+    """
+    if elapsed <= 0:
+        raise ValueError(f"a measurement window of {elapsed} s measures nothing")
+    measured_rate = (after["tick"] - before["tick"]) / elapsed
+    held = (_gateway_players(before) + _gateway_players(after)) / 2
+    server = cpu.core + cpu.workers + cpu.gateways
+    cores = server / elapsed
+    per_player = 1000.0 * cores / held if held else None
+    at_target = per_player
+    if per_player is not None and measured_rate < rate:
+        at_target = per_player * rate / measured_rate if measured_rate > 0 else None
+    sent = _bytes_sent(after) - _bytes_sent(before)
+    summary = bots or {}
+    return {
+        "players": players,
+        "connected": summary.get("connected"),
+        "window_players": round(held, 1),
+        "disconnects": summary.get("disconnects"),
+        "disconnect_reasons": summary.get("disconnect_reasons"),
+        # the bots' reconnect counters (bots that lost their connection and came back)
+        "reconnects": summary.get("reconnects"),
+        "reconnected_bots": summary.get("reconnected_bots"),
+        "reconnect_ms": summary.get("reconnect_ms"),
+        "reconnect_gaps": summary.get("reconnect_gaps"),
+        "entity_changed": summary.get("entity_changed"),
+        "rate_hz": rate,
+        "measured_rate_hz": round(measured_rate, 2),
+        "tick_ms": after.get("tick_ms"),
+        "tick_interval_ms": after.get("tick_interval_ms"),
+        "updates_per_s": summary.get("updates_per_s"),
+        "updates_per_s_min": summary.get("updates_per_s_min"),
+        "tick_gaps": summary.get("tick_gaps"),
+        "rtt_ms": summary.get("rtt_ms"),
+        "server_cpu": {
+            "cores": round(cores, 2),
+            "core": _per_second(cpu.core, elapsed),
+            "workers": _per_second(cpu.workers, elapsed),
+            "gateways": _per_second(cpu.gateways, elapsed),
+            "processes": 1 + cpu.worker_processes + cpu.gateway_processes,
+        },
+        "bots_cpu": _per_second(cpu.bots, elapsed),
+        "server_cpu_ms_per_player_s": None if per_player is None else round(per_player, 3),
+        "server_cpu_ms_per_player_s_at_20hz": None if at_target is None else round(at_target, 3),
+        "bytes_per_client_s": round(sent / held / elapsed) if held else None,
+        "gateway_processes": len(gateway_rows),
+        "gateway_players": [row["players"] for row in gateway_rows],
+        "engine": engine,
+        "connect_s": summary.get("connect_s"),
+        "window_s": round(elapsed, 2),
+        "incomplete": incomplete,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_before": round(load_before, 2),
+    }
+
+
+def _players_config(folder: Path, players: int, rate: float, gateways: int = 0) -> str:
+    """``bench players``'s server configuration: a 1,000 m tavern world with no NPCs.
+
+    ``gateways`` > 0 sets ``gateway.processes``; 0 leaves it out, so the
+    server picks its default (and a server without the setting still starts).
+    """
+    lines = [
+        "[world]",
+        "size = 1000.0",
+        "seed = 7",
+        "[tick]",
+        f"rate = {rate}",
+        "[data]",
+        f'dir = "{folder}/data"',
+        "[gateway]",
+        'listen = "127.0.0.1:0"',
+        f"max_clients = {players + 100}",
+        "hash_cost = 10",
+        *([f"processes = {gateways}"] if gateways > 0 else []),
+        "[log]",
+        'level = "warning"',
+        "[plugins]",
+        'load = ["tavern"]',
+        f'dirs = ["{REPO_PLUGINS}"]',
+        "[plugins.tavern]",
+        "npcs = 0",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ask(socket_path: Path, view: str) -> Any:
+    return admin.request(socket_path, admin.AdminRequest(view), timeout=ADMIN_TIMEOUT)
+
+
+def _gateway_rows(socket_path: Path) -> list[dict[str, Any]]:
+    """The server's gateway processes (admin ``gateways``), by id; none from a server without them.
+
+    Any other admin failure is raised (:class:`admin.AdminError`).
+    """
+    try:
+        rows: list[dict[str, Any]] = _ask(socket_path, "gateways")
+    except admin.AdminError as exc:
+        if "unknown view" in str(exc):
+            return []
+        raise
+    return sorted(rows, key=lambda row: row["id"])
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    """The last lines a process wrote to ``log``, on one line, for an error message."""
+    try:
+        text = log.read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return "(no output)"
+    return " | ".join(text.splitlines()[-lines:]) or "(no output)"
+
+
+def _stop(process: subprocess.Popen[Any], timeout: float, *, group: bool = False) -> None:
+    """Stop ``process`` (started in its own session) and whatever is left of its process group.
+
+    SIGTERM first: to the whole group when ``group`` (the bots), else to the
+    process alone (the server's core stops its own workers, which must not
+    be signalled before it writes its last tick). SIGKILL to the group after
+    ``timeout`` seconds, and to any member left once the process is gone (the
+    workers of a core that died; Linux does not reuse a process group's id
+    while a member lives). Gives up waiting 10 s after the SIGKILL (a process
+    stuck in the kernel) rather than hang.
+    """
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def _wait_for_players(
+    socket_path: Path, players: int, bots: subprocess.Popen[str], timeout: float
+) -> str | None:
+    """Wait until the server holds ``players`` players; or why it stopped waiting before.
+
+    It stops early when the bots exit, after :data:`CONNECT_STALL` seconds
+    without a new player once some are in (the rest were refused or timed
+    out: the bots start playing anyway), or after ``timeout`` seconds. Admin
+    failures are raised.
+    """
+    deadline = time.monotonic() + timeout
+    seen, since = 0, time.monotonic()
+    while True:
+        held = _gateway_players(_ask(socket_path, "status"))
+        now = time.monotonic()
+        if held >= players:
+            return None
+        if bots.poll() is not None:
+            return f"the bots exited (code {bots.returncode}) with {held} of {players} connected"
+        if held != seen:
+            seen, since = held, now
+        elif held and now - since > CONNECT_STALL:
+            return f"{held} of {players} connected; none more for {CONNECT_STALL:g} s"
+        if now > deadline:
+            return f"{held} of {players} connected after {timeout:g} s"
+        time.sleep(0.2)
+
+
+@attrs.frozen
+class _Window:
+    before: dict[str, Any]
+    after: dict[str, Any]
+    cpu: WindowCpu
+    elapsed: float
+    gateway_rows: list[dict[str, Any]]
+    cut_short: bool
+
+
+def _measure(
+    socket_path: Path,
+    server: subprocess.Popen[bytes],
+    bots: subprocess.Popen[str],
+    length: float,
+    server_log: Path,
+) -> _Window:
+    """Measure the server and the bots for ``length`` seconds, or until the bots exit.
+
+    The processes are those running at the window's start (worker and
+    gateway pids from the admin socket). Raises :class:`BenchError` if the
+    server exits meanwhile, and admin failures.
+    """
+    workers = [row["pid"] for row in _ask(socket_path, "workers") if row.get("pid")]
+    gateways = [row["pid"] for row in _gateway_rows(socket_path) if row.get("pid")]
+    bot_pids = _children(bots.pid)
+    before = _ask(socket_path, "status")
+    started = time.monotonic()
+    groups = ([server.pid], workers, gateways, bot_pids)
+    cpu_before = [_cpu_by_pid(pids) for pids in groups]
+    end = started + length
+    while (now := time.monotonic()) < end and bots.poll() is None:
+        if server.poll() is not None:
+            raise BenchError(
+                f"the server exited (code {server.returncode}) while measured: {_tail(server_log)}"
+            )
+        time.sleep(min(0.2, end - now))
+    after = _ask(socket_path, "status")
+    cpu_after = [_cpu_by_pid(pids) for pids in groups]
+    elapsed = time.monotonic() - started
+    core, workers_cpu, gateways_cpu, bots_cpu = (
+        _cpu_used(a, b) for a, b in zip(cpu_before, cpu_after, strict=True)
+    )
+    return _Window(
+        before=before,
+        after=after,
+        cpu=WindowCpu(
+            core=core,
+            workers=workers_cpu,
+            gateways=gateways_cpu,
+            bots=bots_cpu,
+            worker_processes=len(workers),
+            gateway_processes=len(gateways),
+        ),
+        elapsed=elapsed,
+        gateway_rows=_gateway_rows(socket_path),
+        cut_short=bots.poll() is not None and elapsed < length,
+    )
+
+
+def _bots_summary(
+    bots: subprocess.Popen[str], timeout: float, bots_log: Path
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The bots' JSON summary once they exit; or ``None`` and why not.
+
+    Bots still running after ``timeout`` seconds are stopped (they would
+    hold the server's ports and this process up): nothing is read from them.
+    """
+    try:
+        out, _ = bots.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(bots, timeout=10, group=True)
+        return None, f"the bots printed no summary within {timeout:g} s and were stopped"
+    try:
+        summary: dict[str, Any] = json.loads(out)
+    except json.JSONDecodeError:
+        return None, f"the bots printed no summary (code {bots.returncode}): {_tail(bots_log)}"
+    return summary, None
+
+
+def bench_players(
+    players: int = 1000,
+    seconds: float = 30.0,
+    rate: float = 20.0,
+    engine: str = "native",
+    gateways: int = 0,
+) -> dict[str, Any]:
+    """``players`` bot connections from a separate process against a separate server: one row.
 
     The load shape of the common one-room benchmark: a view update every
     tick, a move input from every bot ten times a second, half the bots
     wandering over a 1,000 m square, half crowding a 25 m tavern at its centre.
     ``engine``: the bots' (``native`` by default, so the bots' own CPU leaves
-    the machine to the server it measures).
+    the machine to the server it measures). ``gateways``: the server's
+    gateway processes (``gateway.processes``; 0 = its default).
+
+    The window starts once the server holds every bot (or no more arrive)
+    and lasts :data:`PLAYERS_WINDOW_SHARE` of the bots' play; it ends early
+    if the bots exit. The row says what was not measured (``incomplete``).
+    Every wait has a timeout, and the server (in its own session) is
+    SIGTERMed, then killed with what is left of its process group, whatever
+    happens.
+
+    Raises :class:`BenchError` when nothing could be measured (the server did
+    not start, or the bots exited before the window), and
+    :class:`admin.AdminError` when the server stops answering.
     """
-    from meshd.ops import admin
-
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
-        config = Path(tmp) / "players.toml"
-        config.write_text(
-            "\n".join(
-                [
-                    "[world]",
-                    "size = 1000.0",
-                    "seed = 7",
-                    "[tick]",
-                    f"rate = {rate}",
-                    "[data]",
-                    f'dir = "{tmp}/data"',
-                    "[gateway]",
-                    'listen = "127.0.0.1:0"',
-                    f"max_clients = {players + 100}",
-                    "hash_cost = 10",
-                    "[log]",
-                    'level = "warning"',
-                    "[plugins]",
-                    'load = ["tavern"]',
-                    f'dirs = ["{REPO_PLUGINS}"]',
-                    "[plugins.tavern]",
-                    "npcs = 0",
-                    "",
-                ]
+        folder = Path(tmp)
+        config = folder / "players.toml"
+        config.write_text(_players_config(folder, players, rate, gateways))
+        socket_path = folder / "data" / SOCKET_NAME
+        server_log, bots_log = folder / "server.log", folder / "bots.log"
+        with server_log.open("wb") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "meshd", "serve", "--config", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,  # so that a stuck server is killed with its workers
             )
-        )
-        server = subprocess.Popen(
-            [sys.executable, "-m", "meshd", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        socket_path = Path(tmp) / "data" / "meshd.sock"
+        bots: subprocess.Popen[str] | None = None
         try:
-            status = _wait_for_gateway(socket_path)
-            address = status["gateway"]["address"]
-            bots = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "meshd",
-                    "bots",
-                    "--connect",
-                    address,
-                    "--count",
-                    str(players),
-                    "--duration",
-                    str(seconds),
-                    "--scenario",
-                    "crowd",
-                    "--engine",
-                    engine,
-                    "--json",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
+            status = _wait_for_gateway(socket_path, server=server, log=server_log)
+            with bots_log.open("wb") as log:
+                bots = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "meshd",
+                        "bots",
+                        "--connect",
+                        status["gateway"]["address"],
+                        "--count",
+                        str(players),
+                        "--duration",
+                        str(seconds),
+                        "--scenario",
+                        "crowd",
+                        "--engine",
+                        engine,
+                        "--json",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                    start_new_session=True,  # the native bots run under it: stopped together
+                )
+            # Native bots compile on first use: the wait allows for that, then for logins.
+            notes = [_wait_for_players(socket_path, players, bots, 120.0 + players / 10)]
+            if bots.poll() is not None:
+                summary, _ = _bots_summary(bots, 10.0, bots_log)
+                why = notes[0] or f"the bots exited (code {bots.returncode})"
+                reasons = (summary or {}).get("disconnect_reasons") or _tail(bots_log)
+                raise BenchError(f"{why} before the window; nothing measured ({reasons})")
+            window = _measure(socket_path, server, bots, seconds * PLAYERS_WINDOW_SHARE, server_log)
+            if window.cut_short:
+                notes.append(f"the bots exited {window.elapsed:.1f} s into the window")
+            summary, problem = _bots_summary(
+                bots, seconds * (1 - PLAYERS_WINDOW_SHARE) + BOTS_GRACE, bots_log
             )
-            # Measure the server while every bot is connected and playing.
-            while (
-                admin.request(socket_path, admin.AdminRequest("status"))["gateway"]["players"]
-                < players
-                and bots.poll() is None
-            ):
-                time.sleep(0.2)
-            workers = [w["pid"] for w in admin.request(socket_path, admin.AdminRequest("workers"))]
-            before = admin.request(socket_path, admin.AdminRequest("status"))
-            started = time.monotonic()
-            core_before, workers_before = _cpu_seconds([server.pid]), _cpu_seconds(workers)
-            bots_before = _cpu_seconds(_children(bots.pid))
-            time.sleep(seconds * 0.8)
-            after = admin.request(socket_path, admin.AdminRequest("status"))
-            core_after, workers_after = _cpu_seconds([server.pid]), _cpu_seconds(workers)
-            bots_after = _cpu_seconds(_children(bots.pid))
-            elapsed = time.monotonic() - started
-            summary = json.loads(bots.communicate(timeout=seconds * 4 + 600)[0])
+            notes.append(problem)
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
-    ticks = after["tick"] - before["tick"]
-    core_cpu, workers_cpu = core_after - core_before, workers_after - workers_before
-    sent = after["gateway"]["bytes_sent"] - before["gateway"]["bytes_sent"]
-    return {
-        "players": players,
-        "connected": summary["connected"],
-        "disconnects": summary["disconnects"],
-        "rate_hz": rate,
-        "measured_rate_hz": round(ticks / elapsed, 2),
-        "tick_ms": after["tick_ms"],
-        "updates_per_s": summary["updates_per_s"],
-        "updates_per_s_min": summary["updates_per_s_min"],
-        "tick_gaps": summary["tick_gaps"],
-        "rtt_ms": summary["rtt_ms"],
-        "server_cpu": {
-            "cores": round((core_cpu + workers_cpu) / elapsed, 2),
-            "core": round(core_cpu / elapsed, 2),
-            "workers": round(workers_cpu / elapsed, 2),
-            "processes": 1 + len(workers),
-        },
-        "bots_cpu": round((bots_after - bots_before) / elapsed, 2),
-        "engine": engine,
-        "bytes_per_client_s": round(sent / max(summary["connected"], 1) / elapsed),
-        "connect_s": summary["connect_s"],
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+            if bots is not None:
+                _stop(bots, timeout=10.0, group=True)
+            _stop(server, timeout=STOP_TIMEOUT)
+    return players_row(
+        players=players,
+        rate=rate,
+        engine=engine,
+        before=window.before,
+        after=window.after,
+        cpu=window.cpu,
+        bots=summary,
+        elapsed=window.elapsed,
+        gateway_rows=window.gateway_rows,
+        load_before=load_before,
+        incomplete="; ".join(note for note in notes if note) or None,
+    )
 
 
-def _wait_for_gateway(socket_path: Path, timeout: float = 60.0) -> dict[str, Any]:
-    from meshd.ops import admin
-
+def _wait_for_gateway(
+    socket_path: Path,
+    timeout: float = 60.0,
+    *,
+    server: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> dict[str, Any]:
+    """The server's status once its gateway listens; :class:`BenchError` if it exits or is late."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            output = _tail(log) if log is not None else ""
+            raise BenchError(f"the server exited (code {server.returncode}): {output}")
         try:
-            status = admin.request(socket_path, admin.AdminRequest("status"), timeout=5)
+            status: dict[str, Any] = admin.request(
+                socket_path, admin.AdminRequest("status"), timeout=5
+            )
             if status["gateway"] and status["gateway"]["address"]:
                 return status
         except admin.AdminError:
             pass
         time.sleep(0.2)
-    raise RuntimeError("the server did not start its gateway")
+    output = f": {_tail(log)}" if log is not None else ""
+    raise BenchError(f"the server did not start its gateway within {timeout:g} s{output}")

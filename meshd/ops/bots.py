@@ -6,6 +6,14 @@ while reading every view update. The summary counts what a player would
 notice: disconnects, view updates per second, gaps in the tick numbers,
 updates that lacked the bot's own entity, and round-trip times.
 
+A connection that breaks without an ``Error`` (its gateway process died)
+is made again by :mod:`meshd.client` with the ``Welcome``'s resume token;
+the summary counts those reconnects, how long they took, bots that came back
+to another entity, and gaps in the tick numbers across a reconnect
+(``reconnect_gaps``, apart from ``tick_gaps``: those are ticks missed while
+connected). Only a bot whose connection could not be made again counts in
+``disconnects``.
+
 Scenarios (positions are shares of the world size):
 
 - ``wander``: walk straight on, a new random heading every ten seconds or so;
@@ -28,7 +36,7 @@ from typing import Any
 import attrs
 import trio
 
-from meshd.client import ConnectionLost, Player, ServerError, connect
+from meshd.client import RECONNECT_WITHIN, ConnectionLost, Player, ServerError, connect
 
 SCENARIOS = ("wander", "rush", "cross", "crowd")
 TURN_EVERY = 10.0
@@ -42,12 +50,21 @@ PING_EVERY = 1.0
 class BotStats:
     connected: bool = False
     disconnected: str = ""
+    entity: int = 0
+    """The entity of the first ``Welcome``."""
     views: int = 0
     gaps: int = 0
+    """Views whose tick did not follow the previous one's on the same connection."""
+    reconnect_gaps: int = 0
+    """Views after a reconnect whose tick did not follow the last one before it."""
     missing_self: int = 0
     first_view: float = 0.0
     last_view: float = 0.0
     rtts: list[float] = attrs.field(factory=list)
+    reconnects: int = 0
+    reconnect_ms: list[float] = attrs.field(factory=list)
+    entity_changed: bool = False
+    """A reconnect's ``Welcome`` named another entity than the first one."""
 
 
 def _heading(
@@ -102,16 +119,24 @@ async def run_bot(
     stats: BotStats,
     started: trio.Event,
     logins: trio.CapacityLimiter,
+    reconnect_within: float = RECONNECT_WITHIN,
 ) -> None:
-    """One bot: log in, then move, ping and read views until ``duration`` ends."""
+    """One bot: log in, then move, ping and read views until ``duration`` ends.
+
+    Never raises for the connection's sake: why it ended early goes to
+    ``stats.disconnected``.
+    """
     rng = random.Random(bot)
     try:
         async with logins:
-            player = await connect(host, port, f"bot-{bot}", f"bot-{bot}-secret")
+            player = await connect(
+                host, port, f"bot-{bot}", f"bot-{bot}-secret", reconnect_within=reconnect_within
+            )
     except (OSError, ServerError, ConnectionLost) as exc:
         stats.disconnected = f"login: {exc}"
         return
     stats.connected = True
+    stats.entity = player.entity
     await started.wait()
     begin = time.monotonic()
     async with player:
@@ -127,13 +152,21 @@ async def run_bot(
                         if rng.random() < MOVE_EVERY / PING_EVERY:
                             await player.ping()
                         await trio.sleep(MOVE_EVERY)
-            except (ServerError, ConnectionLost, trio.BrokenResourceError) as exc:
-                stats.disconnected = str(exc)
+            except* (ServerError, ConnectionLost, trio.BrokenResourceError) as group:
+                # The reader and the sender may both see the same end: one reason is enough.
+                first: BaseException = group
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                stats.disconnected = str(first)
     stats.rtts = player.rtts
+    stats.reconnects = player.reconnects
+    stats.reconnect_ms = player.reconnect_ms
+    stats.entity_changed = stats.entity_changed or player.entity != stats.entity
 
 
 async def _read(player: Player, stats: BotStats) -> None:
     last_tick = None
+    reconnects = player.reconnects
     async for view in player.views():
         now = time.monotonic()
         if stats.views == 0:
@@ -141,7 +174,13 @@ async def _read(player: Player, stats: BotStats) -> None:
         stats.views += 1
         stats.last_view = now
         if last_tick is not None and view.tick != last_tick + 1:
-            stats.gaps += 1
+            if player.reconnects != reconnects:
+                stats.reconnect_gaps += 1
+            else:
+                stats.gaps += 1
+        if player.reconnects != reconnects:
+            reconnects = player.reconnects
+            stats.entity_changed = stats.entity_changed or player.entity != stats.entity
         last_tick = view.tick
         if player.entity not in player.world:
             stats.missing_self += 1
@@ -155,8 +194,14 @@ async def run_bots(
     scenario: str = "wander",
     target: tuple[float, float] = (0.5, 0.5),
     connect_concurrency: int = 50,
+    per_bot: bool = False,
+    reconnect_within: float = RECONNECT_WITHIN,
 ) -> dict[str, Any]:
-    """Connect ``count`` bots, run them for ``duration`` seconds together, summarise."""
+    """Connect ``count`` bots, run them for ``duration`` seconds together, summarise.
+
+    ``per_bot`` adds ``per_bot``, one entry a bot; ``reconnect_within`` is
+    the client's (0: a broken connection is a disconnect).
+    """
     stats = [BotStats() for _ in range(count)]
     started = trio.Event()
     logins = trio.CapacityLimiter(connect_concurrency)
@@ -164,7 +209,17 @@ async def run_bots(
     async with trio.open_nursery() as nursery:
         for bot in range(count):
             nursery.start_soon(
-                run_bot, bot, host, port, scenario, duration, target, stats[bot], started, logins
+                run_bot,
+                bot,
+                host,
+                port,
+                scenario,
+                duration,
+                target,
+                stats[bot],
+                started,
+                logins,
+                reconnect_within,
             )
         while sum(1 for s in stats if s.connected or s.disconnected) < count:
             await trio.sleep(0.05)
@@ -177,11 +232,12 @@ async def run_bots(
         if s.connected and s.views > 1 and s.last_view > s.first_view
     ]
     rtts = sorted(r for s in stats for r in s.rtts)
+    reconnect_ms = sorted(ms for s in stats for ms in s.reconnect_ms)
     reasons: dict[str, int] = {}
     for s in stats:
         if s.disconnected:
             reasons[s.disconnected] = reasons.get(s.disconnected, 0) + 1
-    return {
+    summary: dict[str, Any] = {
         "scenario": scenario,
         "count": count,
         "connected": connected,
@@ -197,7 +253,30 @@ async def run_bots(
             "p50": round(_quantile(rtts, 0.5), 2),
             "p99": round(_quantile(rtts, 0.99), 2),
         },
+        "reconnects": sum(s.reconnects for s in stats),
+        "reconnected_bots": sum(1 for s in stats if s.reconnects),
+        "reconnect_ms": {
+            "p50": round(_quantile(reconnect_ms, 0.5), 2),
+            "max": round(reconnect_ms[-1], 2) if reconnect_ms else 0.0,
+        },
+        "entity_changed": sum(1 for s in stats if s.entity_changed),
+        "reconnect_gaps": sum(s.reconnect_gaps for s in stats),
     }
+    if per_bot:
+        summary["per_bot"] = [
+            {
+                "bot": bot,
+                "entity": s.entity,
+                "views": s.views,
+                "gaps": s.gaps,
+                "reconnects": s.reconnects,
+                "reconnect_ms": [round(ms, 2) for ms in s.reconnect_ms],
+                "entity_changed": s.entity_changed,
+                "disconnected": s.disconnected,
+            }
+            for bot, s in enumerate(stats)
+        ]
+    return summary
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -5,7 +5,8 @@ Exit codes: 0 success (a clean SIGTERM/Ctrl-C stop included), 1 runtime
 failure, 2 usage or configuration error.
 
 It is long because it holds every command's options (typer reads them from
-the signatures); each command is a few lines over the library.
+the signatures) and the ``bench players`` tables; each command is a few lines
+over the library.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 
 import trio
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -196,6 +198,15 @@ def inspect_workers(
     _print_json(result) if as_json else _table(result, "workers")
 
 
+@inspect_app.command("gateways")
+def inspect_gateways(
+    config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
+) -> None:
+    """Gateway processes: pid, epoch, players, CPU seconds, queue depths, restarts."""
+    result = _ask(config, data, admin.AdminRequest("gateways"))
+    _print_json(result) if as_json else _table(result, "gateways")
+
+
 @inspect_app.command("partitions")
 def inspect_partitions(
     config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
@@ -371,19 +382,181 @@ def bench_rush_command(
     _bench_output(result, as_json, "bench rush")
 
 
+class PlayerCounts(tuple[int, ...]):
+    """``bench players --players``: the bot counts of a series, one run each."""
+
+
+def _player_counts(value: str | PlayerCounts) -> PlayerCounts:
+    """Parse ``300,1000,1500`` (or one count); :class:`typer.BadParameter` names a bad item."""
+    if isinstance(value, PlayerCounts):  # typer passes the default through the parser too
+        return value
+    counts = []
+    for item in value.split(","):
+        try:
+            count = int(item.strip())
+        except ValueError:
+            raise typer.BadParameter(
+                f"{item.strip()!r} is not a whole number; give counts like 300,1000,1500"
+            ) from None
+        if count < 1:
+            raise typer.BadParameter(f"{count} players: each count must be at least 1")
+        counts.append(count)
+    return PlayerCounts(counts)
+
+
+DEFAULT_PLAYERS = PlayerCounts((1000,))
+
+
+def _pair(value: dict[str, Any] | None, digits: int = 1) -> str:
+    """``p50/p99`` of a percentile pair; ``-`` when it was not measured."""
+    if not value:
+        return "-"
+    return f"{value['p50']:.{digits}f}/{value['p99']:.{digits}f}"
+
+
+def _number(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+PLAYERS_FELT = (
+    ("players", "bots asked for"),
+    ("conn", "bots connected"),
+    ("Hz", "measured tick rate"),
+    ("tick ms", "the work of a tick, p50/p99"),
+    ("interval ms", "wall time between tick starts, p50/p99"),
+    ("views/s", "views per client per second, mean/min"),
+    ("RTT ms", "p50/p99"),
+    ("disc/gaps/rec", "disconnects/ticks missing from views/the bots' reconnects"),
+)
+PLAYERS_COST = (
+    ("players", "bots asked for"),
+    ("cores", "the server's CPU in cores, of..."),
+    ("core/wk/gw", "...the core, the workers, the gateways"),
+    ("bots", "the bots' CPU in cores"),
+    ("ms/pl·s", "server CPU ms per player-second..."),
+    ("@rate", "...scaled to the target rate when below it"),
+    ("B/cl·s", "bytes per client per second"),
+    ("gateways", "players of each gateway process (core: the core holds them)"),
+    ("load", "1-minute load average before the run"),
+)
+"""The ``bench players`` tables' columns, short (the legend under each says what they are):
+what the players felt, then what it cost; two tables, so that each fits 80 columns."""
+WRAPPING = frozenset({"disc/gaps/rec", "gateways"})
+"""The columns that may grow (many gateways, reconnect counters): they wrap at spaces."""
+
+
+def _felt(row: dict[str, Any]) -> list[str]:
+    views = row["updates_per_s"]
+    return [
+        str(row["players"]),
+        _cell(row["connected"]),
+        _number(row["measured_rate_hz"]),
+        _pair(row["tick_ms"]),
+        _pair(row["tick_interval_ms"]),
+        "-" if views is None else f"{views:.1f}/{row['updates_per_s_min']:.1f}",
+        _pair(row["rtt_ms"], 0),
+        "/".join(_cell(row[key]) for key in ("disconnects", "tick_gaps", "reconnects")),
+    ]
+
+
+def _cost(row: dict[str, Any]) -> list[str]:
+    cpu = row["server_cpu"]
+    return [
+        str(row["players"]),
+        f"{cpu['cores']:.2f}",
+        f"{cpu['core']:.2f}/{cpu['workers']:.2f}/{cpu['gateways']:.2f}",
+        _number(row["bots_cpu"]),
+        _number(row["server_cpu_ms_per_player_s"]),
+        _number(row["server_cpu_ms_per_player_s_at_20hz"]),
+        _number(row["bytes_per_client_s"], ",.0f"),
+        _cell(row["gateway_players"]) if row["gateway_players"] else "core",
+        _number(row["load_before"]),
+    ]
+
+
+def _players_table(rows: list[dict[str, Any]], seconds: float) -> None:
+    """``bench players``: a row per measured count in two tables with legends, then notes."""
+    measured = [row for row in rows if "error" not in row]
+    if not measured:
+        return
+    first = measured[0]
+    console.print(
+        f"bench players: {first['engine']} bots, {seconds:g} s each, target "
+        f"{first['rate_hz']:g} Hz; {first['cpus']} CPUs, Python {first['python']}",
+        style="bold",
+        highlight=False,
+    )
+    for title, columns, cells in (
+        ("what the players felt", PLAYERS_FELT, _felt),
+        ("what it cost", PLAYERS_COST, _cost),
+    ):
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for header, _ in columns:
+            table.add_column(header, justify="right", no_wrap=header not in WRAPPING)
+        for row in measured:
+            table.add_row(*cells(row))
+        console.print(table)
+        legend = "; ".join(f"{header}: {meaning}" for header, meaning in columns[1:])
+        console.print(legend, style="dim", highlight=False)
+    for row in measured:  # what the columns cannot hold
+        if row["incomplete"]:
+            console.print(f"{row['players']} players: {row['incomplete']}", highlight=False)
+        if row["disconnect_reasons"]:
+            reasons = _cell(row["disconnect_reasons"])
+            console.print(f"{row['players']} players: disconnected: {reasons}", highlight=False)
+        if row["reconnects"]:
+            keys = ("reconnected_bots", "reconnect_ms", "reconnect_gaps", "entity_changed")
+            details = _cell({key: row[key] for key in keys})
+            console.print(
+                f"{row['players']} players: {row['reconnects']} reconnects: {details}",
+                highlight=False,
+            )
+
+
 @bench_app.command("players")
 def bench_players_command(
-    players: Annotated[int, typer.Option(min=1, help="Bot connections.")] = 1000,
-    seconds: Annotated[float, typer.Option(min=1.0, help="Seconds of play.")] = 20.0,
+    players: Annotated[
+        PlayerCounts,
+        typer.Option(
+            parser=_player_counts,
+            metavar="N[,N...]",
+            help="Bot connections; a comma-separated list runs one fresh server per count.",
+        ),
+    ] = DEFAULT_PLAYERS,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Seconds of play per count.")] = 20.0,
     rate: Annotated[float, typer.Option(min=1.0, help="Ticks per second.")] = 20.0,
+    gateways: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Gateway processes (gateway.processes); 0 = the server's default."
+        ),
+    ] = 0,
     bots: Annotated[BotsEngine, typer.Option(help="The bots' engine.")] = BotsEngine.native,
-    as_json: JsonOption = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list: one object per count.")
+    ] = False,
 ) -> None:
-    """Bot connections from a separate process against a separate server."""
+    """Bot connections from a separate process against a separate server, a row per count.
+
+    A count that could not be measured is reported (an "error" object in
+    the JSON list) and the series goes on; the exit code is then 1.
+    """
     from meshd.ops import bench
 
-    result = bench.bench_players(players=players, seconds=seconds, rate=rate, engine=bots.value)
-    _bench_output(result, as_json, "bench players")
+    rows: list[dict[str, Any]] = []
+    for count in players:
+        errors.print(f"bench players: {count} players, {seconds:g} s ...", highlight=False)
+        try:
+            row = bench.bench_players(
+                players=count, seconds=seconds, rate=rate, engine=bots.value, gateways=gateways
+            )
+        except (bench.BenchError, admin.AdminError) as exc:
+            errors.print(f"[bold red]error:[/] {count} players: {exc}", highlight=False)
+            row = {"players": count, "error": str(exc)}
+        rows.append(row)
+    _print_json(rows) if as_json else _players_table(rows, seconds)
+    if any("error" in row for row in rows):
+        raise typer.Exit(1)
 
 
 @app.command("bots")

@@ -100,13 +100,30 @@ def run_native(
     scenario: str,
     target: tuple[float, float],
     name_prefix: str = "bot",
+    reconnect_within: float = 5.0,
 ) -> dict[str, Any]:
-    """Run ``count`` native bots for ``duration`` seconds; their ``meshd bots`` summary."""
+    """Run ``count`` native bots for ``duration`` seconds; their ``meshd bots`` summary.
+
+    ``reconnect_within``: seconds a bot tries to log in again after its
+    connection broke without an ``Error``, as :func:`meshd.client.connect`'s
+    (0: never). Raises :class:`LoadgenError` when the bots cannot be built
+    or run.
+    """
     try:
         address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
     except OSError as exc:
         raise LoadgenError(f"cannot resolve {host!r} to an IPv4 address: {exc}") from None
-    args = [address, port, count, duration, scenario, target[0], target[1], name_prefix]
+    args = [
+        address,
+        port,
+        count,
+        duration,
+        scenario,
+        target[0],
+        target[1],
+        name_prefix,
+        reconnect_within,
+    ]
     finished = subprocess.run(
         [str(executable()), *map(str, args)],
         capture_output=True,

@@ -32,7 +32,9 @@ from meshd.mesh.step import create_world
 from meshd.mesh.supervisor import Supervisor
 from meshd.mesh.tick import Pipeline
 from meshd.ops.admin import serve_admin
-from meshd.players.gateway import Account, Gateway, cell_size, listen
+from meshd.players.accounts import Account
+from meshd.players.fleet import Gateways, cell_size
+from meshd.players.ports import Reservation, reserve
 from meshd.store.codec import Delta, WorldSnapshot
 from meshd.store.db import DB_NAME, Store
 
@@ -155,9 +157,11 @@ async def serve(
     lock_fd = lock_data_dir(data_dir)
     store = Store(data_dir / DB_NAME, synchronous=config.data.synchronous)
     supervisor: Supervisor | None = None
+    reservation = Reservation()
     try:
         players = config.gateway.listen != ""
-        listeners = await listen(config.gateway) if players else []
+        if players:
+            reservation = reserve(config.gateway)
         snapshot, created = load_or_create(store, plugins, world_params(config))
         if not created and snapshot.seed != config.world.seed:
             log.warning(
@@ -191,22 +195,6 @@ async def serve(
             quarantine_after=config.supervise.quarantine_after,
             cell_size=cell_size(config.gateway) if players else 0.0,
         )
-        gateway = (
-            Gateway(
-                config.gateway,
-                plugins,
-                world,
-                replication,
-                {
-                    name: Account(salt, digest, entity, kdf)
-                    for name, salt, digest, entity, kdf in store.players()
-                },
-                config.tick.rate,
-                store_account,
-            )
-            if players
-            else None
-        )
         planner = Planner(planner_settings(config), layout, snapshot.tick) if dynamic else None
         supervisor = Supervisor(
             Init(
@@ -225,6 +213,23 @@ async def serve(
             persist_every=config.tick.persist_every,
             planner=planner,
         )
+        gateway = (
+            Gateways(
+                config,
+                plugins,
+                world,
+                replication,
+                {
+                    name: Account(salt, digest, entity, kdf)
+                    for name, salt, digest, entity, kdf in store.players()
+                },
+                supervisor,
+                reservation,
+                store_account,
+            )
+            if players
+            else None
+        )
         core = Core(config, plugins, pipeline, supervisor, store, store_lock, gateway)
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)
         async with trio.open_nursery() as outer:
@@ -234,9 +239,9 @@ async def serve(
                 services.start_soon(supervisor.accept_loop)
                 services.start_soon(watch_signals, core)
                 await services.start(serve_admin, core, data_dir / SOCKET_NAME)
-                if gateway is not None:
-                    await services.start(gateway.serve, listeners)
                 await supervisor.start_all(layout.workers)
+                if gateway is not None:
+                    await services.start(gateway.serve)
                 core.usage.begin(time.monotonic(), time.process_time(), len(supervisor.links))
                 services.start_soon(supervisor.refill_spares)
                 log.info(
@@ -254,6 +259,8 @@ async def serve(
                     summary = await tick_loop(core, ticks, send_delta)
                 finally:
                     with trio.CancelScope(shield=True):
+                        if gateway is not None:
+                            await gateway.stop()
                         await supervisor.stop_all()
                 services.cancel_scope.cancel()
         summary.hash = replication.hash()
@@ -266,6 +273,7 @@ async def serve(
         log.info("cost report", **summary.usage)
         return summary
     finally:
+        reservation.close()
         if supervisor is not None:
             supervisor.cleanup()
         store.close()

@@ -1,0 +1,95 @@
+"""Gateway processes own the players: a killed one costs its players a reconnect, nobody else
+anything (real daemon, real gateway processes, real bots over TCP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from conftest import start_daemon, wait_for_status, write_config
+
+from meshd.ops import admin
+from meshd.ops.bots import run_bots
+
+WORLD = {
+    "world": {"size": 160.0, "halo": 5.0},
+    "tick": {"rate": 20.0},
+    "gateway": {"processes": 2, "hash_cost": 10},
+    "plugins": {"load": ["tavern"], "tavern": {"npcs": 40}},
+}
+
+
+def _ask(config: Path, view: str) -> Any:
+    socket_path = config.parent / "data" / "meshd.sock"
+    return admin.request(socket_path, admin.AdminRequest(view))
+
+
+def test_a_killed_gateway_costs_its_players_a_reconnect_and_nobody_else_a_tick(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, WORLD)
+    daemon = start_daemon(config)
+    try:
+        status = wait_for_status(
+            config,
+            lambda s: s["gateway"]["address"] and s["gateway"]["processes"] == 2,
+            daemon=daemon,
+        )
+        host, port = status["gateway"]["address"].rsplit(":", 1)
+        killed: dict[str, Any] = {}
+
+        async def kill_one_gateway_mid_game() -> None:
+            # Once all 30 play, on both gateways, kill -9 the one with more players.
+            with trio.fail_after(30):
+                while True:
+                    await trio.sleep(0.2)
+                    rows = await trio.to_thread.run_sync(_ask, config, "gateways")
+                    if sum(r["players"] for r in rows) == 30 and all(r["players"] for r in rows):
+                        break
+            await trio.sleep(1.0)
+            victim = max(rows, key=lambda r: r["players"])
+            killed["before"] = rows
+            killed["tick"] = (await trio.to_thread.run_sync(_ask, config, "status"))["tick"]
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed["at"] = time.monotonic()
+            killed["row"] = victim
+
+        async def main() -> dict[str, Any]:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kill_one_gateway_mid_game)
+                summary = await run_bots(
+                    host, int(port), 30, duration=7.0, scenario="cross", per_bot=True
+                )
+            return summary
+
+        summary = trio.run(main)
+        after = wait_for_status(
+            config, lambda s: s["gateway"]["processes"] == 2 and s["gateway"]["players"] == 0
+        )
+        rows = _ask(config, "gateways")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+    bots = summary["per_bot"]
+    reconnected = [b for b in bots if b["reconnects"]]
+    stayed = [b for b in bots if not b["reconnects"]]
+    # the killed gateway's players, and only they, reconnected, each to its own entity
+    assert len(reconnected) == killed["row"]["players"] > 0
+    assert len(stayed) == 30 - len(reconnected) > 0
+    assert not any(b["entity_changed"] for b in bots)
+    assert summary["disconnects"] == 0
+    # ... within 2 s of the kill (each bot's own measure: loss noticed -> new Welcome)
+    assert max(ms for b in reconnected for ms in b["reconnect_ms"]) < 2000
+    # the other gateway's players saw every tick, the kill included
+    assert all(b["gaps"] == 0 for b in stayed), stayed
+    assert all(b["views"] > 0 for b in bots)
+    # the world kept ticking, and the slot has a new process
+    assert after["tick"] > killed["tick"]
+    replaced = next(r for r in rows if r["id"] == killed["row"]["id"])
+    assert replaced["pid"] != killed["row"]["pid"] and replaced["epoch"] == 2
+    assert replaced["restarts"] == 1

@@ -63,9 +63,22 @@ class InProcessMesh:
             return message
         return decode_message(encode_message(message), (cls,))
 
-    def tick(self, checkpoint: bool = False, kill: frozenset[int] = frozenset()) -> CommitReport:
-        """One tick; workers in ``kill`` crash mid-step and are replaced."""
+    def tick(
+        self,
+        checkpoint: bool = False,
+        kill: frozenset[int] = frozenset(),
+        inputs: tuple[list[list], list[list]] = ([], []),
+    ) -> CommitReport:
+        """One tick; workers in ``kill`` crash mid-step and are replaced.
+
+        ``inputs``: (new entities, input events) for this tick, as the
+        daemon's gateways give them (a journal entry).
+        """
         plan = self.pipeline.next(checkpoint=checkpoint)
+        entities, events = inputs
+        for record in entities:
+            self.replication.add_entity(record)
+        self.replication.inject(events)
         replies = []
         for worker, step in self.pipeline.steps(plan).items():
             if worker in kill:

@@ -11,6 +11,9 @@ Environment values are read as TOML values when they parse as one
 Any bad value, and any ``MESHD_*`` variable that names no setting (a typo
 would otherwise be silently ignored), stops startup with a
 :class:`ConfigError` naming the key and the expected form.
+
+It is long because every setting is declared here, with what it means and
+the check of its value, so one file answers "what can I set?".
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class TickConfig:
 class DataConfig:
     dir: str = "data"
     synchronous: Literal["normal", "full"] = "normal"
+    journal: bool = False
+    """Append the world's inputs, tick by tick, to ``journal.cbor`` in the data folder."""
 
 
 @attrs.frozen

@@ -14,6 +14,7 @@ it happens.
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from meshd.mesh.layout import sorted_leaves
 from meshd.mesh.messages import Reply
 from meshd.mesh.plugins import PluginSet
 from meshd.mesh.replication import CommitReport
+from meshd.mesh.step import collect_between_ticks
 from meshd.mesh.supervisor import Supervisor, WorkerFailed
 from meshd.mesh.tick import Pipeline
 from meshd.mesh.usage import Sample, Usage, percentile
@@ -207,63 +209,71 @@ async def tick_loop(
     loop_started = time.perf_counter()
     started: float | None = None
     next_at = trio.current_time()
-    while ticks is None or repl.tick < first_tick - 1 + ticks:
-        last = ticks is not None and repl.tick + 1 == first_tick - 1 + ticks
-        plan = pipeline.next(
-            final=core.stop_requested or last,
-            checkpoint=bool(core.hash_waiters) or bool(core.releases),
-        )
-        tick, checkpoint, final = plan.tick, plan.checkpoint, plan.final
-        previous, started = started, time.perf_counter()
-        if previous is not None:
-            core.tick_intervals_ms.append((started - previous) * 1000.0)
-        if core.gateway is not None:
-            core.gateway.before_tick(tick)
-        steps = pipeline.steps(plan)
-        replies: dict[int, Reply] = {}
-        async with trio.open_nursery() as nursery:
-            sent = _StepsSent(set(steps))
-            for worker, step in steps.items():
-                nursery.start_soon(run_step, core, worker, step, replies, sent.sent)
+    # What start-up made lives as long as the core: full collections skip it.
+    gc.freeze()
+    gc.disable()
+    try:
+        while ticks is None or repl.tick < first_tick - 1 + ticks:
+            last = ticks is not None and repl.tick + 1 == first_tick - 1 + ticks
+            plan = pipeline.next(
+                final=core.stop_requested or last,
+                checkpoint=bool(core.hash_waiters) or bool(core.releases),
+            )
+            tick, checkpoint, final = plan.tick, plan.checkpoint, plan.final
+            previous, started = started, time.perf_counter()
+            if previous is not None:
+                core.tick_intervals_ms.append((started - previous) * 1000.0)
             if core.gateway is not None:
-                # Views of the last tick while the workers simulate this one.
-                await sent.done.wait()
-                core.gateway.send_views()
-        report = pipeline.commit(plan, replies.values())
-        _log_failures(core, tick, report)
-        if core.gateway is not None:
-            core.gateway.inputs_failed(report.input_errors)
-            core.gateway.after_tick(tick)
-        for failover in reversed(core.failover_log):
-            if failover.committed_at is not None:
+                core.gateway.before_tick(tick)
+            steps = pipeline.steps(plan)
+            replies: dict[int, Reply] = {}
+            async with trio.open_nursery() as nursery:
+                sent = _StepsSent(set(steps))
+                for worker, step in steps.items():
+                    nursery.start_soon(run_step, core, worker, step, replies, sent.sent)
+                if core.gateway is not None:
+                    # Views of the last tick while the workers simulate this one.
+                    await sent.done.wait()
+                    core.gateway.send_views()
+            report = pipeline.commit(plan, replies.values())
+            _log_failures(core, tick, report)
+            if core.gateway is not None:
+                core.gateway.inputs_failed(report.input_errors)
+                core.gateway.after_tick(tick)
+            for failover in reversed(core.failover_log):
+                if failover.committed_at is not None:
+                    break
+                failover.committed_at = time.monotonic()
+            elapsed = (time.perf_counter() - started) * 1000.0
+            core.tick_ms.append(elapsed)
+            tick_ms.append(elapsed)
+            core.tick_times.append(time.monotonic())
+            core.usage.tick(
+                time.monotonic(),
+                tick,
+                len(links),
+                len(repl.layout.owners),
+                elapsed,
+                sum(reply.cpu_ms for reply in replies.values()),
+                report.handoffs,
+            )
+            entity_ticks += len(repl.owner)
+            if checkpoint:
+                await _checkpoint(core, persist, final, plan.persist)
+                await _release(core, stopping=final)
+            if final:
                 break
-            failover.committed_at = time.monotonic()
-        elapsed = (time.perf_counter() - started) * 1000.0
-        core.tick_ms.append(elapsed)
-        tick_ms.append(elapsed)
-        core.tick_times.append(time.monotonic())
-        core.usage.tick(
-            time.monotonic(),
-            tick,
-            len(links),
-            len(repl.layout.owners),
-            elapsed,
-            sum(reply.cpu_ms for reply in replies.values()),
-            report.handoffs,
-        )
-        entity_ticks += len(repl.owner)
-        if checkpoint:
-            await _checkpoint(core, persist, final, plan.persist)
-            await _release(core, stopping=final)
-        if final:
-            break
-        if checkpoint:
-            await _replan(core)
-        if rate > 0:
-            next_at = max(next_at + 1.0 / rate, trio.current_time() - 1.0 / rate)
-            await trio.sleep_until(next_at)
-        else:
-            await trio.lowlevel.checkpoint()
+            if checkpoint:
+                await _replan(core)
+            # Garbage from this tick is collected now, while the loop would sleep anyway.
+            collect_between_ticks(tick)
+            if rate > 0:
+                next_at = max(next_at + 1.0 / rate, trio.current_time() - 1.0 / rate)
+                await trio.sleep_until(next_at)
+            else:
+                await trio.lowlevel.checkpoint()
+    finally:
+        gc.enable()
     return RunSummary(
         first_tick=first_tick,
         last_tick=repl.tick,

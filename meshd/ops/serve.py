@@ -34,13 +34,14 @@ from meshd.mesh.tick import Pipeline
 from meshd.ops.admin import serve_admin
 from meshd.players.accounts import Account
 from meshd.players.fleet import Gateways, cell_size
+from meshd.players.journal import JOURNAL_NAME, Journal
 from meshd.players.ports import Reservation, reserve
 from meshd.store.codec import Delta, WorldSnapshot
 from meshd.store.db import DB_NAME, Store
 
 SOCKET_NAME = "meshd.sock"
 LOCK_NAME = "meshd.lock"
-PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME)
+PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME, JOURNAL_NAME)
 """What meshd keeps in the data folder (the admin socket is created 0600 by itself)."""
 NOMINAL_RATE = 20.0
 """Ticks per second the planner budgets for when ``tick.rate`` is 0 (as fast as possible)."""
@@ -213,6 +214,7 @@ async def serve(
             persist_every=config.tick.persist_every,
             planner=planner,
         )
+        journal = Journal(data_dir / JOURNAL_NAME) if config.data.journal else None
         gateway = (
             Gateways(
                 config,
@@ -226,6 +228,7 @@ async def serve(
                 supervisor,
                 reservation,
                 store_account,
+                journal,
             )
             if players
             else None
@@ -234,6 +237,8 @@ async def serve(
         send_delta, receive_delta = trio.open_memory_channel[Delta](0)
         async with trio.open_nursery() as outer:
             outer.start_soon(persist_loop, core, receive_delta)
+            if journal is not None:
+                outer.start_soon(journal.run)
             async with send_delta, trio.open_nursery() as services:
                 await supervisor.listen()
                 services.start_soon(supervisor.accept_loop)
@@ -258,6 +263,8 @@ async def serve(
                 try:
                     summary = await tick_loop(core, ticks, send_delta)
                 finally:
+                    if journal is not None:
+                        journal.close()
                     with trio.CancelScope(shield=True):
                         if gateway is not None:
                             await gateway.stop()

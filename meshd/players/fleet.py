@@ -22,6 +22,7 @@ of those is short.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -41,6 +42,7 @@ from meshd.mesh.replication import Replication
 from meshd.mesh.supervisor import Supervisor, WorkerFailed
 from meshd.players.accounts import RESUME_KEY_BYTES, Account
 from meshd.players.interest import watch_cells
+from meshd.players.journal import Journal
 from meshd.players.messages import (
     GATEWAY_TO_CORE,
     AccountInfo,
@@ -61,8 +63,9 @@ from meshd.plugin import GATEWAY, JOIN, LEAVE, WorldBuilder
 from meshd.store.schema import NO_ENTITY
 
 MODULE = "meshd.players.gateway"
-LINK_BACKLOG = 40
-"""Messages queued for a gateway (two seconds of ticks) before it counts as hung."""
+UNANSWERED_PUBLISHES = 40
+"""``Publish`` messages a gateway may leave unanswered (two seconds of ticks at 20 Hz)
+before it counts as hung and is replaced."""
 
 
 @attrs.define(eq=False)
@@ -85,6 +88,8 @@ class GatewayLink:
     published_batch: int = 0
     """The last batch taken by the last committed tick: its views acknowledge it."""
     failed: list[list[Any]] = attrs.field(factory=list)
+    unanswered: int = 0
+    """``Publish`` messages sent and not yet answered by ``Inputs``."""
     stats: dict[str, Any] = attrs.field(factory=dict)
     cells: list[list[int]] = attrs.field(factory=list)
     """The cells around its players, as of the last committed tick."""
@@ -101,13 +106,22 @@ class GatewayLink:
             self._cpu_mark = (now, cpu_s)
 
     def send(self, message: Any) -> None:
-        """Queue ``message``; a gateway that stopped reading is killed (its players reconnect)."""
-        try:
+        """Queue ``message`` for the gateway (a link that is closing drops it)."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             self.outbox.send_nowait(frame(encode_message(message)))
-        except trio.WouldBlock:
+
+    def publish(self, publish: Publish) -> None:
+        """Send a tick's ``Publish``; kill a gateway that stopped answering them.
+
+        Every ``Publish`` is answered by one ``Inputs``; a gateway that falls
+        ``UNANSWERED_PUBLISHES`` behind is hung or overloaded, and its players
+        are better off reconnecting to another (it is replaced).
+        """
+        self.unanswered += 1
+        if self.unanswered > UNANSWERED_PUBLISHES:
             Supervisor.kill(self.process)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            return
+        self.send(publish)
 
 
 @attrs.define(eq=False)
@@ -133,6 +147,7 @@ class Gateways:
         supervisor: Supervisor,
         reservation: Reservation,
         store_account: Callable[[str, bytes, bytes, str], Awaitable[None]],
+        journal: Journal | None = None,
     ) -> None:
         self.config = config.gateway
         self.log_config = config.log
@@ -147,6 +162,7 @@ class Gateways:
         self.supervisor = supervisor
         self.reservation = reservation
         self._store_account = store_account
+        self.journal = journal
         self.address = ""
         """The players' address, once the gateways accept players on it."""
         self.resume_key = os.urandom(RESUME_KEY_BYTES)
@@ -198,7 +214,7 @@ class Gateways:
         process, stream, hello, decoder = await self.supervisor.spawn_child(
             MODULE, "gateway", slot, epoch
         )
-        send, receive = trio.open_memory_channel[bytes](LINK_BACKLOG)
+        send, receive = trio.open_memory_channel[bytes](math.inf)
         link = GatewayLink(slot, epoch, hello.pid, process, stream, decoder, send)
         init = GatewayInit(
             gateway=slot,
@@ -305,6 +321,7 @@ class Gateways:
 
     def _received(self, link: GatewayLink, message: Any) -> None:
         if isinstance(message, Inputs):
+            link.unanswered = max(0, link.unanswered - 1)
             link.batches.append(message)
             link.stats = message.stats
             link.measure_cpu(time.monotonic())
@@ -412,6 +429,7 @@ class Gateways:
         repl = self.replication
         joins, self._joins = self._joins, []
         plugin = self.plugins.new_player
+        entities = []
         for join in joins:
             assert plugin is not None and plugin.new_player is not None
             builder = WorldBuilder(self.plugins, self.world, first_id=repl.next_id, tick=tick)
@@ -425,6 +443,7 @@ class Gateways:
                 self._log.error("new player refused", name=join.name, error=join.error)
             else:
                 repl.add_entity(builder.records[0])
+                entities.append(builder.records[0])
                 join.entity = builder.records[0][0]
             join.done.set()
         inputs: list[tuple[list[Any], int]] = [(item, -1) for item in self._inputs]
@@ -442,6 +461,8 @@ class Gateways:
             events.append([entity, GATEWAY, seq, INPUT_PREFIX + action, args])
             self._in_flight[seq] = (entity, client_seq, action, slot)
         repl.inject(events)  # inputs for a player entity that is gone are dropped
+        if self.journal is not None:
+            self.journal.record(tick, entities, events)
 
     def inputs_failed(self, failures: list[tuple[int, int, str, str]]) -> None:
         """Tell players whose inputs of the tick just committed failed in the plugin.
@@ -505,7 +526,7 @@ class Gateways:
                 slot, self._tick, records, watched
             )
             failed, link.failed = link.failed, []
-            link.send(
+            link.publish(
                 Publish(
                     tick=self._tick,
                     batch=link.published_batch,

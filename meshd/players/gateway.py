@@ -30,6 +30,7 @@ login, per-tick reads, views, the writer) reads best in one place.
 
 from __future__ import annotations
 
+import gc
 import hmac
 import itertools
 import os
@@ -48,6 +49,7 @@ from meshd.common.links import receive_frame
 from meshd.common.log import configure, get_logger
 from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
 from meshd.mesh.messages import Hello
+from meshd.mesh.step import collect_between_ticks
 from meshd.mesh.worker import TOKEN_ENV
 from meshd.players.accounts import (
     SALT_BYTES,
@@ -190,7 +192,6 @@ class Gateway:
         self._sessions = itertools.count(1)
         self._outbox_send, self._outbox = trio.open_memory_channel[bytes](float("inf"))
         self._hashing = trio.CapacityLimiter(1)
-        self._cpu = time.process_time()
         self._log = get_logger(component="gateway", gateway=init.gateway)
 
     # -- the link to the core ---------------------------------------------
@@ -258,6 +259,8 @@ class Gateway:
         self._send_core(Inputs(self.batch, batch, self._stats()))
         if publish.view:
             self._send_views(publish.batch)
+        # This tick's garbage, now that its views are out (automatic collection is off).
+        collect_between_ticks(publish.tick)
 
     def _read_players(self) -> None:
         """Take what every player sent since the last tick: one poll, then only the readable."""
@@ -551,6 +554,8 @@ async def _main(socket_path: str, slot: int, epoch: int, token: str) -> int:
     except EOFError:
         return 0
     configure(json=init.log_json, level=init.log_level)
+    gc.freeze()
+    gc.disable()
     listeners = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         for sock in open_listeners([tuple(address) for address in init.listen])

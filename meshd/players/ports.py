@@ -74,9 +74,12 @@ def reserve(config: GatewayConfig) -> Reservation:
                 port = bound[0][2]  # every family on the one port picked first
             probe = socket.socket(family, socket.SOCK_STREAM)
             try:
+                # SO_REUSEADDR so that connections still in TIME_WAIT do not count as
+                # "in use"; a socket listening there (anyone's) still does.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind((host, port))  # without SO_REUSEPORT: fails if anyone holds it
+                probe.bind((host, port))  # without SO_REUSEPORT: fails if anyone listens there
                 port = probe.getsockname()[1]
             finally:
                 probe.close()

@@ -13,6 +13,7 @@ import trio
 from conftest import meshd_json, start_daemon, wait_for_status, write_config
 from inprocess import InProcessMesh, new_world
 
+from meshd import client
 from meshd.common.config import load_config
 from meshd.mesh.layout import Layout
 from meshd.mesh.plugins import load_plugin_set
@@ -148,4 +149,36 @@ def test_a_burst_of_logins_is_not_mistaken_for_a_hung_gateway(tmp_path: Path) ->
         daemon.wait(timeout=30)
     assert summary["connected"] == 300 and summary["disconnects"] == 0
     assert summary["reconnects"] == 0
+    assert [(row["epoch"], row["restarts"]) for row in rows] == [(1, 0)]
+
+
+def test_a_tick_of_big_inputs_reaches_the_world_in_one_batch(tmp_path: Path) -> None:
+    # Three players send 50 inputs of ~900 bytes each at once: one gateway's batch
+    # for the tick is ~135 KB, more than a link frame from a child once allowed.
+    config = write_config(tmp_path, {**WORLD, "gateway": {"processes": 1, "hash_cost": 10}})
+    daemon = start_daemon(config)
+
+    async def flood_of_big_inputs(host: str, port: int) -> list[client.Player]:
+        with trio.fail_after(30):
+            players = [await client.connect(host, port, f"big-{i}", "pw") for i in range(3)]
+            for player in players:
+                for _ in range(50):
+                    await player.send("move", dx=1.0, dy=0.0, note="x" * 900)
+            for player in players:
+                async for view in player.views():
+                    if view.ack >= 50:
+                        break
+            for player in players:
+                await player.aclose()
+        return players
+
+    try:
+        status = wait_for_status(config, lambda s: s["gateway"]["address"], daemon=daemon)
+        host, port = status["gateway"]["address"].rsplit(":", 1)
+        players = trio.run(flood_of_big_inputs, host, int(port))
+        rows = _ask(config, "gateways")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    assert [player.reconnects for player in players] == [0, 0, 0]
     assert [(row["epoch"], row["restarts"]) for row in rows] == [(1, 0)]

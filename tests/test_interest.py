@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshd.mesh.layout import cell_of
 from meshd.players.interest import nearest_rows, watch_cells
 
 coordinate = st.floats(0.0, 100.0)
@@ -42,5 +43,25 @@ def test_nearest_with_nobody_looking_or_nothing_to_see() -> None:
 
 
 def test_watched_cells_cover_the_view_and_a_ring() -> None:
-    cells = watch_cells([(45.0, 45.0)], 30.0, 30.0)
+    cells = watch_cells(np.array([(45.0, 45.0)]), 30.0, 30.0)
     assert [1, 1] in cells and [-1, -1] in cells and [3, 3] in cells and len(cells) == 25
+    assert watch_cells(np.empty((0, 2)), 30.0, 30.0) == []
+
+
+@given(
+    st.lists(st.tuples(st.floats(-2000.0, 2000.0), st.floats(-2000.0, 2000.0)), max_size=40),
+    st.floats(1.0, 90.0),
+    st.floats(5.0, 60.0),
+)
+def test_watched_cells_match_a_cell_by_cell_expansion(points, radius, cell) -> None:
+    reach = math.ceil(radius / cell) + 1
+    expected = sorted(
+        {
+            (cx + dx, cy + dy)
+            for cx, cy in (cell_of(x, y, cell) for x, y in points)
+            for dx in range(-reach, reach + 1)
+            for dy in range(-reach, reach + 1)
+        }
+    )
+    positions = np.array(points, dtype=np.float64).reshape(-1, 2)
+    assert watch_cells(positions, radius, cell) == [list(c) for c in expected]

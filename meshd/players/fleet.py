@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
+import numpy as np
 import trio
 
 from meshd.common.config import Config, GatewayConfig
@@ -63,6 +64,8 @@ from meshd.plugin import GATEWAY, JOIN, LEAVE, WorldBuilder
 from meshd.store.schema import NO_ENTITY
 
 MODULE = "meshd.players.gateway"
+GATEWAY_FRAME_CAP = 1 << 28
+"""A gateway is trusted; one tick's ``Inputs`` of many players may be large."""
 UNANSWERED_PUBLISHES = 40
 """``Publish`` messages a gateway may leave unanswered (two seconds of ticks at 20 Hz)
 before it counts as hung and is replaced."""
@@ -214,6 +217,7 @@ class Gateways:
         process, stream, hello, decoder = await self.supervisor.spawn_child(
             MODULE, "gateway", slot, epoch
         )
+        decoder.max_frame = GATEWAY_FRAME_CAP
         send, receive = trio.open_memory_channel[bytes](math.inf)
         link = GatewayLink(slot, epoch, hello.pid, process, stream, decoder, send)
         init = GatewayInit(
@@ -248,7 +252,7 @@ class Gateways:
                 nursery.start_soon(self._write, link, outbox, nursery.cancel_scope)
                 try:
                     while True:
-                        body = await receive_frame(link.stream, link.decoder, 1 << 24)
+                        body = await receive_frame(link.stream, link.decoder)
                         self._received(link, decode_message(body, GATEWAY_TO_CORE))
                 except EOFError:
                     pass
@@ -501,7 +505,9 @@ class Gateways:
         watched: set[tuple[int, int]] = set()
         for link in self.links.values():
             link.cells = watch_cells(
-                ((records[e][2], records[e][3]) for e in link.sessions if e in records),
+                np.array(
+                    [records[e][2:4] for e in link.sessions if e in records], dtype=np.float64
+                ).reshape(-1, 2),
                 self.config.view_radius,
                 repl.cell_size,
             )

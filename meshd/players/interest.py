@@ -11,26 +11,37 @@ turns that into view updates).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from meshd.mesh.layout import cell_of
 
+def watch_cells(positions: np.ndarray, radius: float, cell: float) -> list[list[int]]:
+    """Cells within ``radius`` of any position, plus one ring for a tick of movement.
 
-def watch_cells(
-    positions: Iterable[tuple[float, float]], radius: float, cell: float
-) -> list[list[int]]:
-    """Cells within ``radius`` of any position, plus one ring for a tick of movement."""
+    ``positions``: (n, 2). Sorted ``[cx, cy]`` pairs; the cell of a point is
+    :func:`~meshd.mesh.layout.cell_of`'s (``floor(x / cell)``). Vectorised:
+    a thousand players spread over the world watch tens of thousands of cells.
+    """
+    if not len(positions):
+        return []
     reach = math.ceil(radius / cell) + 1
-    centres = {cell_of(x, y, cell) for x, y in positions}
-    cells = set()
-    for cx, cy in centres:  # a crowd shares a few cells: expand each once
-        for dx in range(-reach, reach + 1):
-            for dy in range(-reach, reach + 1):
-                cells.add((cx + dx, cy + dy))
-    return [list(c) for c in sorted(cells)]
+    centres = np.floor_divide(positions, cell).astype(np.int64)
+    span = np.arange(-reach, reach + 1, dtype=np.int64)
+    around = np.stack(np.meshgrid(span, span, indexing="ij"), axis=-1).reshape(-1, 2)
+    cells = (_unique_rows(centres)[:, None, :] + around[None, :, :]).reshape(-1, 2)
+    return _unique_rows(cells).tolist()
+
+
+def _unique_rows(cells: np.ndarray) -> np.ndarray:
+    """The distinct rows of an (n, 2) int64 array, sorted by x then y."""
+    # One 64-bit key per cell, each coordinate shifted to be non-negative
+    # (cell coordinates stay far inside 30 bits), so keys sort as the pairs do.
+    keys = np.unique(((cells[:, 0] + _HALF) << 32) + (cells[:, 1] + _HALF))
+    return np.stack([(keys >> 32) - _HALF, (keys & 0xFFFFFFFF) - _HALF], axis=-1)
+
+
+_HALF = 1 << 30
 
 
 def nearest_rows(

@@ -36,6 +36,7 @@ def test_bench_players_measures_server_and_bots_apart(engine: str) -> None:
     # a view every tick, however fast the server ticks on this machine
     assert result["tick_gaps"] == 0 and result["updates_per_s"] > 0.7 * result["measured_rate_hz"]
     assert result["server_cpu"]["core"] > 0 and result["bots_cpu"] > 0
+    assert result["server_cpu"]["gateways"] > 0 and sum(result["gateway_players"]) == 20
     assert result["bytes_per_client_s"] > 0
 
 

@@ -11,6 +11,7 @@ never by the tick loop.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from typing import Any
 
 import cbor2
 import trio
+
+from meshd.common.log import get_logger
 
 JOURNAL_NAME = "journal.cbor"
 
@@ -33,7 +36,8 @@ class Journal:
     def record(self, tick: int, entities: list[list[Any]], events: list[list[Any]]) -> None:
         """Queue what ``tick`` took from outside the simulation (nothing is queued for none)."""
         if entities or events:
-            self._send.send_nowait(cbor2.dumps([tick, entities, events]))
+            with contextlib.suppress(trio.BrokenResourceError):  # the journal stopped
+                self._send.send_nowait(cbor2.dumps([tick, entities, events]))
 
     def close(self) -> None:
         """No more entries: :meth:`run` returns once what is queued is written."""
@@ -48,7 +52,17 @@ class Journal:
                     batch.append(self._receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await trio.to_thread.run_sync(self._append, b"".join(batch))
+            try:
+                await trio.to_thread.run_sync(self._append, b"".join(batch))
+            except OSError as exc:
+                # A full disk ends the record, never the world: the rest is dropped.
+                get_logger(component="journal").error(
+                    "cannot append to the journal; it stops here",
+                    path=str(self.path),
+                    error=str(exc),
+                )
+                self._receive.close()
+                return
 
     def _append(self, data: bytes) -> None:
         # 0600 like the database: it holds everything the players sent.

@@ -182,3 +182,42 @@ def test_a_tick_of_big_inputs_reaches_the_world_in_one_batch(tmp_path: Path) -> 
         daemon.wait(timeout=30)
     assert [player.reconnects for player in players] == [0, 0, 0]
     assert [(row["epoch"], row["restarts"]) for row in rows] == [(1, 0)]
+
+
+def test_a_hung_gateway_is_replaced_and_its_players_come_back(tmp_path: Path) -> None:
+    config = write_config(tmp_path, WORLD)
+    daemon = start_daemon(config)
+    stopped: dict[str, Any] = {}
+
+    async def stop_one_gateway_mid_game() -> None:
+        with trio.fail_after(30):
+            while True:
+                await trio.sleep(0.2)
+                rows = await trio.to_thread.run_sync(_ask, config, "gateways")
+                if sum(r["players"] for r in rows) == 20 and all(r["players"] for r in rows):
+                    break
+        stopped["row"] = rows[0]
+        os.kill(rows[0]["pid"], signal.SIGSTOP)  # alive, but it answers nothing any more
+
+    async def main(host: str, port: int) -> dict[str, Any]:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_one_gateway_mid_game)
+            return await run_bots(host, port, 20, duration=8.0, scenario="cross", per_bot=True)
+
+    try:
+        status = wait_for_status(
+            config,
+            lambda s: s["gateway"]["address"] and s["gateway"]["processes"] == 2,
+            daemon=daemon,
+        )
+        host, port = status["gateway"]["address"].rsplit(":", 1)
+        summary = trio.run(main, host, int(port))
+        rows = _ask(config, "gateways")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    reconnected = [b for b in summary["per_bot"] if b["reconnects"]]
+    assert len(reconnected) == stopped["row"]["players"]
+    assert summary["disconnects"] == 0 and summary["entity_changed"] == 0
+    replaced = next(r for r in rows if r["id"] == stopped["row"]["id"])
+    assert replaced["epoch"] == 2 and replaced["pid"] != stopped["row"]["pid"]

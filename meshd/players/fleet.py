@@ -121,6 +121,13 @@ class GatewayLink:
         are better off reconnecting to another (it is replaced).
         """
         self.unanswered += 1
+        if self.unanswered == UNANSWERED_PUBLISHES + 1:
+            get_logger(component="gateways").warning(
+                "gateway stopped answering; killed, its players reconnect",
+                gateway=self.slot,
+                pid=self.pid,
+                unanswered=UNANSWERED_PUBLISHES,
+            )
         if self.unanswered > UNANSWERED_PUBLISHES:
             Supervisor.kill(self.process)
             return

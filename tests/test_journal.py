@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import trio
+from structlog.testing import capture_logs
 
 from meshd.players.journal import Journal, read
 
@@ -34,5 +35,7 @@ def test_entries_read_back_in_order(tmp_path: Path) -> None:
 
 def test_an_unwritable_journal_stops_alone(tmp_path: Path) -> None:
     path = tmp_path / "missing-folder" / "journal.cbor"
-    trio.run(_record, Journal(path), 5)  # no exception reaches the recorder
+    with capture_logs() as logs:
+        trio.run(_record, Journal(path), 5)  # no exception reaches the recorder
     assert not path.exists()
+    assert [log["event"] for log in logs] == ["cannot append to the journal; it stops here"]

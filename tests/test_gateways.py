@@ -202,7 +202,8 @@ def test_a_hung_gateway_is_replaced_and_its_players_come_back(tmp_path: Path) ->
     async def main(host: str, port: int) -> dict[str, Any]:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_one_gateway_mid_game)
-            return await run_bots(host, port, 20, duration=8.0, scenario="cross", per_bot=True)
+            # Long enough for 40 unanswered ticks even on a machine that ticks slowly.
+            return await run_bots(host, port, 20, duration=12.0, scenario="cross", per_bot=True)
 
     try:
         status = wait_for_status(

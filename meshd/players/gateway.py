@@ -184,6 +184,8 @@ class Gateway:
         self.bytes_sent = 0
         """Bytes sent on connections that have ended (the live ones count their own)."""
         self.inputs: list[list[Any]] = []
+        self._arrived: list[Client] = []
+        """Players who sent more than their login in its frame: read at the next tick."""
         self.batch = 0
         self._poll = select.epoll()
         self._by_fd: dict[int, Client] = {}
@@ -269,8 +271,9 @@ class Gateway:
             client = self._by_fd.get(fd)
             if client is not None and not client.closed:
                 self._read_inputs(client, now)
-        for client in self.clients.values():
-            if client.decoder.pending and not client.closed:  # frames that came with the login
+        arrived, self._arrived = self._arrived, []
+        for client in arrived:  # frames that came with the login, already received
+            if not client.closed:
                 self._read_inputs(client, now, receive=False)
 
     def _read_inputs(self, client: Client, now: float, *, receive: bool = True) -> None:
@@ -467,6 +470,8 @@ class Gateway:
             self._end(previous, Error("replaced", "you logged in from somewhere else"))
             self._forget(previous)
         self.clients[entity] = client
+        if decoder.pending:
+            self._arrived.append(client)
         self.mirror.restart_view(entity)
         self._by_fd[client.sock.fileno()] = client
         self._poll.register(client.sock.fileno(), select.EPOLLIN)

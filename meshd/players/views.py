@@ -81,7 +81,7 @@ class Publisher:
             self._encoded, self._encoded_tick = {}, tick
         held = self._held.setdefault(gateway, {})
         now = set(watched)
-        gone = [entity_id for entity_id in held.keys() - now]
+        gone = list(held.keys() - now)
         for entity_id in gone:
             del held[entity_id]
         ids: list[int] = []

@@ -334,8 +334,9 @@ class Gateways:
         if isinstance(message, Inputs):
             link.unanswered = max(0, link.unanswered - 1)
             link.batches.append(message)
-            link.stats = message.stats
-            link.measure_cpu(time.monotonic())
+            if message.stats:
+                link.stats = message.stats
+                link.measure_cpu(time.monotonic())
         elif isinstance(message, Lookup):
             account = self.accounts.get(message.name)
             link.send(

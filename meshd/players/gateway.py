@@ -92,6 +92,9 @@ from meshd.plugin import JOIN, LEAVE
 SEND_BUFFER = 256 << 10
 RECEIVE_PER_TICK = 64 << 10
 """Bytes read from one player per tick; more than a legitimate client sends in a second."""
+STATS_EVERY = 10
+"""``Inputs`` batches per counters for ``inspect gateways`` (summing them costs a pass over
+every player)."""
 CLOSE_GRACE = 1.0
 """Seconds a closing connection gets to flush its last frames and the error."""
 CORE_FRAME_CAP = 1 << 30
@@ -258,7 +261,8 @@ class Gateway:
         self._read_players()
         self.batch += 1
         batch, self.inputs = self.inputs, []
-        self._send_core(Inputs(self.batch, batch, self._stats()))
+        stats = self._stats() if self.batch % STATS_EVERY == 1 else {}
+        self._send_core(Inputs(self.batch, batch, stats))
         if publish.view:
             self._send_views(publish.batch)
         # This tick's garbage, now that its views are out (automatic collection is off).
@@ -337,23 +341,18 @@ class Gateway:
     def _send_views(self, taken: int) -> None:
         """Every present player's view update of the mirror's tick."""
         clients = [client for client in self.clients.values() if not client.closed]
-        present = [
-            client
-            for client, held in zip(
-                clients, self.mirror.held([client.entity for client in clients]), strict=True
-            )
-            if held
-        ]
+        present = list(
+            itertools.compress(clients, self.mirror.held([client.entity for client in clients]))
+        )
+        acked = []
         for client in present:
             acks = client.acks
             while acks and acks[0][0] <= taken:
                 client.acked = acks.popleft()[1]
+            acked.append(client.acked)
         config = self.config
         frames = self.mirror.views(
-            [client.entity for client in present],
-            [client.acked for client in present],
-            config.view_radius,
-            config.view_max,
+            [client.entity for client in present], acked, config.view_radius, config.view_max
         )
         for client, view in zip(present, frames, strict=True):
             client.offer(view)

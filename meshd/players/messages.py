@@ -121,7 +121,8 @@ class Inputs:
     """Gateway -> core, once a tick: what its players sent, in the order it was read.
 
     ``items``: ``[entity, action, args, client_seq]``. ``stats``: the
-    gateway's counters for ``inspect gateways``.
+    gateway's counters for ``inspect gateways``, in every tenth batch (empty
+    in the others).
     """
 
     batch: int

@@ -10,7 +10,6 @@ executable form. Everything wrong with received bytes raises
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,20 +229,26 @@ def encode_frame(message: Any) -> bytes:
     return frame(encode_message(message))
 
 
-def _array_header(length: int) -> bytes:
-    """The CBOR head of an array of ``length`` items (major type 4)."""
-    if length < 24:
-        return bytes((0x80 + length,))
-    if length < 0x100:
-        return bytes((0x98, length))
-    if length < 0x10000:
-        return b"\x99" + struct.pack(">H", length)
-    return b"\x9a" + struct.pack(">I", length)
+def _head(major: int, value: int) -> bytes:
+    """The CBOR head of ``major`` (0: an unsigned integer, 4: an array of ``value`` items)."""
+    if value < 24:
+        return _SMALL_HEADS[major][value]
+    if value < 0x100:
+        return bytes((major + 24, value))
+    if value < 0x10000:
+        return bytes((major + 25,)) + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return bytes((major + 26,)) + value.to_bytes(4, "big")
+    return bytes((major + 27,)) + value.to_bytes(8, "big")
 
 
+_UNSIGNED, _ARRAY = 0x00, 0x80
+_SMALL_HEADS = {major: [bytes((major + n,)) for n in range(24)] for major in (_UNSIGNED, _ARRAY)}
 _VIEW_KEYS = {name: cbor2.dumps(name) for name in ("tick", "ack", "enter", "update", "leave")}
 _VIEW_TYPE = cbor2.dumps("type") + cbor2.dumps("View")
 _ENTER_KEY, _UPDATE_KEY, _LEAVE_KEY = (_VIEW_KEYS[key] for key in ("enter", "update", "leave"))
+_NO_ENTER = _ENTER_KEY + _SMALL_HEADS[_ARRAY][0] + _UPDATE_KEY
+_NO_LEAVE = _LEAVE_KEY + _SMALL_HEADS[_ARRAY][0] + _VIEW_TYPE
 
 
 def encode_view(
@@ -265,24 +270,44 @@ def view_head(tick: int) -> bytes:
 
 
 def view_frame(
-    head: bytes, ack: int, enter: Sequence[bytes], updates: int, update: bytes, leave: list[int]
+    head: bytes,
+    ack: int,
+    enter: Sequence[bytes | memoryview],
+    updates: int,
+    update: bytes | memoryview,
+    leave: list[int],
 ) -> bytes:
     """A whole ``View`` frame (length prefix included) from its :func:`view_head` and items.
 
     ``update`` holds ``updates`` items, already concatenated (a gateway cuts
-    them from one table of the tick's moved entities).
+    them from one table of the tick's moved entities). Called for every
+    player every tick: a view where nothing entered or left is joined in one go.
     """
+    ack_head, update_head = _head(_UNSIGNED, ack), _head(_ARRAY, updates)
+    if not enter and not leave:
+        size = len(head) + len(ack_head) + len(_NO_ENTER) + len(update_head) + len(update)
+        return b"".join(
+            (
+                HEADER.pack(size + len(_NO_LEAVE)),
+                head,
+                ack_head,
+                _NO_ENTER,
+                update_head,
+                update,
+                _NO_LEAVE,
+            )
+        )
     parts = [
         head,
-        cbor2.dumps(ack),
+        ack_head,
         _ENTER_KEY,
-        _array_header(len(enter)),
+        _head(_ARRAY, len(enter)),
         *enter,
         _UPDATE_KEY,
-        _array_header(updates),
+        update_head,
         update,
         _LEAVE_KEY,
-        cbor2.dumps(leave) if leave else b"\x80",
+        cbor2.dumps(leave) if leave else _SMALL_HEADS[_ARRAY][0],
         _VIEW_TYPE,
     ]
     parts.insert(0, HEADER.pack(sum(map(len, parts))))

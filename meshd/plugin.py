@@ -81,8 +81,12 @@ class PluginError(Exception):
 class Kind:
     """An entity kind.
 
-    ``state`` is a frozen attrs class whose fields are plain CBOR values
-    (int, float, str, bool, None, lists of those). ``max_speed`` is in metres
+    ``state`` is a frozen attrs class whose fields hold plain values: None,
+    bool, int (64 bits), finite float, str, bytes, and lists, tuples and
+    dicts with string keys of those (nested at most 32 deep); anything else
+    fails the entity's tick. Frozen does not freeze a list inside: never
+    change one in place (``state.items.append``), give :func:`attrs.evolve`
+    a new one (``meshd check`` finds the mistake). ``max_speed`` is in metres
     per simulated second, ``radius`` the farthest (in metres) a system of this
     kind looks from the entity's position; together they set the minimum halo.
     """
@@ -207,9 +211,13 @@ class Context:
 
     def __init__(self, plugins: PluginSet, world: WorldParams, tick: int, index: SpatialIndex):
         self.tick = tick
+        """The tick being simulated (the first tick of a new world is 1)."""
         self.dt = world.dt
+        """Simulated seconds per tick (``world.dt``), whatever the wall-clock rate."""
         self.world_size = world.size
+        """The world is the square ``[0, world_size)`` x ``[0, world_size)``, in metres."""
         self.settings: Any = None
+        """This entity's plugin's settings (its ``Plugin.settings`` class, ``[plugins.NAME]``)."""
         self.events: list[list[Any]] = []
         self.spawns: list[list[Any]] = []
         self.despawned: set[int] = set()
@@ -316,8 +324,11 @@ class WorldBuilder:
         self, plugins: PluginSet, world: WorldParams, *, first_id: int = 1, tick: int = 0
     ) -> None:
         self.size = world.size
+        """The world's side in metres (positions are clamped into ``[0, size)``)."""
         self.rng = TickRng(seed_for(world.seed, tick, 0 if tick == 0 else first_id))
+        """Deterministic randomness: the same seed and plugins make the same world."""
         self.settings: Any = None
+        """The plugin's settings (its ``Plugin.settings`` class), as for systems."""
         self.records: list[list[Any]] = []
         self._plugins = plugins
         self._first_id = first_id

@@ -1,129 +1,17 @@
-"""An in-process mesh: the real tick pipeline driving WorkerSim objects directly, no sockets.
-
-The daemon's tick loop and this harness drive the same
-:class:`~meshd.mesh.tick.Pipeline` (which ticks are checkpoints, the steps,
-what a replacement replays, the commit, reshaping); here the messages go
-through the real codec but no socket, in microseconds per entity, for tests
-that need many layouts or many ticks.
-"""
+"""The example plugins for in-process tests (the mesh itself is :mod:`meshd.mesh.inprocess`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from meshd.common.wire import CONVERTER, decode_message, encode_message
-from meshd.mesh.layout import Layout
-from meshd.mesh.messages import Reply, Restore, Step, WorldParams
-from meshd.mesh.planner import Planner
+from meshd.common.wire import CONVERTER
+from meshd.mesh.inprocess import NEVER, InProcessMesh, new_world
 from meshd.mesh.plugins import PluginSet, load_plugins
-from meshd.mesh.replication import CommitReport, Replication
-from meshd.mesh.step import WorkerSim, create_world
-from meshd.mesh.tick import Pipeline
-from meshd.store.codec import WorldSnapshot
+
+__all__ = ["NEVER", "PLUGIN_DIR", "InProcessMesh", "new_world", "plugins_for"]
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
-NEVER = 1 << 62
-"""Checkpoints only when a test asks for one."""
 
 
 def plugins_for(name: str, **settings) -> PluginSet:
     return load_plugins([name], [PLUGIN_DIR], {name: settings}, CONVERTER)
-
-
-def new_world(plugins: PluginSet, world: WorldParams) -> WorldSnapshot:
-    records = create_world(plugins, world)
-    return WorldSnapshot(
-        tick=0, seed=world.seed, next_id=len(records) + 1, records=records, events=[]
-    )
-
-
-class InProcessMesh:
-    def __init__(
-        self,
-        plugins: PluginSet,
-        world: WorldParams,
-        layout: Layout,
-        snapshot: WorldSnapshot,
-        *,
-        through_wire: bool = True,
-        quarantine_after: int = 10,
-        planner: Planner | None = None,
-    ) -> None:
-        self.replication = Replication(
-            plugins, world, layout, snapshot, quarantine_after=quarantine_after
-        )
-        self.pipeline = Pipeline(
-            self.replication, checkpoint_every=NEVER, persist_every=NEVER, planner=planner
-        )
-        self.sims = {w: WorkerSim(w, 1, plugins, world) for w in layout.workers}
-        self.through_wire = through_wire
-
-    def _roundtrip(self, message, cls):
-        if not self.through_wire:
-            return message
-        return decode_message(encode_message(message), (cls,))
-
-    def tick(
-        self,
-        checkpoint: bool = False,
-        kill: frozenset[int] = frozenset(),
-        inputs: tuple[list[list], list[list]] = ([], []),
-    ) -> CommitReport:
-        """One tick; workers in ``kill`` crash mid-step and are replaced.
-
-        ``inputs``: (new entities, input events) for this tick, as the
-        daemon's gateways give them (a journal entry).
-        """
-        plan = self.pipeline.next(checkpoint=checkpoint)
-        entities, events = inputs
-        for record in entities:
-            self.replication.add_entity(record)
-        self.replication.inject(events)
-        replies = []
-        for worker, step in self.pipeline.steps(plan).items():
-            if worker in kill:
-                self.sims[worker].step(self._roundtrip(step, Step))  # work lost in the crash
-                self.replace(worker)
-            replies.append(
-                self._roundtrip(self.sims[worker].step(self._roundtrip(step, Step)), Reply)
-            )
-        return self.pipeline.commit(plan, replies)
-
-    def replace(self, worker: int) -> None:
-        """What the core does for a failed worker: restore the checkpoint, replay the log."""
-        old = self.sims[worker]
-        sim = self.sims[worker] = WorkerSim(worker, old.epoch + 1, old.plugins, old.world)
-        recovery = self.pipeline.recovery(worker)
-        sim.restore(self._roundtrip(recovery.restore, Restore))
-        for step in recovery.replay:
-            sim.step(self._roundtrip(step, Step))
-
-    def replan(self) -> bool:
-        """What the core does after a checkpoint commit: ask the planner, apply its plan."""
-        plan = self.pipeline.replan(can_start=True)
-        if plan is not None:
-            self.relayout(
-                Layout(self.replication.world.size, self.replication.world.halo, plan.owners)
-            )
-        return plan is not None
-
-    def relayout(self, layout: Layout) -> int:
-        """What the core does to apply a plan after a checkpoint commit."""
-        moved = self.pipeline.reshape(layout.owners)
-        any_sim = next(iter(self.sims.values()))
-        for worker in layout.workers:
-            if worker not in self.sims:
-                self.sims[worker] = WorkerSim(worker, 1, any_sim.plugins, any_sim.world)
-        for worker in set(self.sims) - set(layout.workers):
-            del self.sims[worker]
-        return moved
-
-    def run(self, ticks: int, persist_every: int = 10) -> list[CommitReport]:
-        """``ticks`` ticks, a checkpoint every ``persist_every`` and on the last one."""
-        reports = []
-        for i in range(ticks):
-            last = i == ticks - 1
-            reports.append(
-                self.tick(checkpoint=last or (self.replication.tick + 1) % persist_every == 0)
-            )
-        return reports

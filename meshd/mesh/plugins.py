@@ -180,7 +180,15 @@ def load_plugins(
     converter: cattrs.Converter,
 ) -> PluginSet:
     """Load and validate the named plugins and their ``[plugins.NAME]`` settings."""
-    plugins = [find_plugin(name, dirs) for name in names]
+    return plugin_set([find_plugin(name, dirs) for name in names], raw_settings, converter)
+
+
+def plugin_set(
+    plugins: Sequence[Plugin],
+    raw_settings: Mapping[str, Mapping[str, Any]],
+    converter: cattrs.Converter,
+) -> PluginSet:
+    """Validate ``plugins`` together with their settings (plain values, by plugin name)."""
     settings: dict[str, Any] = {}
     for plugin in plugins:
         raw = dict(raw_settings.get(plugin.name, {}))
@@ -196,7 +204,7 @@ def load_plugins(
     unknown = set(raw_settings) - {plugin.name for plugin in plugins}
     if unknown:
         raise PluginError(f"settings given for plugins that are not loaded: {sorted(unknown)}")
-    return PluginSet(plugins, settings)
+    return PluginSet(list(plugins), settings)
 
 
 def load_plugin_set(config: Config) -> PluginSet:

@@ -1,0 +1,94 @@
+"""``meshd.testing``: the example plugins' rules, tested the way a plugin author would."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from meshd import PluginError
+from meshd.testing import World, assert_deterministic
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+SLOPPY = Path(__file__).resolve().parent / "fixtures" / "plugins"
+
+
+def _tavern(**settings) -> World:
+    return World(["tavern"], dirs=[PLUGINS], settings={"tavern": {"npcs": 0, **settings}})
+
+
+def test_a_player_joins_at_the_door_and_walks_where_told() -> None:
+    world = _tavern()
+    ann = world.add_player("ann")
+    world.step()
+    start = world.entity(ann)
+    assert start is not None and start.kind == "player" and start.state.name == "ann"
+    world.send(ann, "move", {"dx": 1.0, "dy": 0.0})
+    world.step(10)
+    moved = world.entity(ann)
+    assert moved.x == pytest.approx(start.x + 10 * 0.05 * math.hypot(moved.state.vx, 0.0))
+    assert moved.y == start.y and world.tick == 11 and world.failures == []
+
+
+def test_a_thrown_bottle_flies_and_a_dropped_mug_stays() -> None:
+    world = _tavern()
+    ann = world.add_player("ann")
+    world.step()
+    world.send(ann, "throw", {"angle": 0.0})
+    world.send(ann, "drop")
+    world.step()
+    (bottle,) = world.entities("bottle")
+    (mug,) = world.entities("mug")
+    assert bottle.state.thrower == ann and bottle.state.vx > 0
+    assert not world.entity(ann).state.has_mug
+    world.step(20)
+    assert world.entities("bottle") == []  # flew out of its time to live
+    assert world.entities("mug") == [mug]  # forever
+
+
+def test_a_bad_input_is_undone_alone_and_reported() -> None:
+    world = _tavern()
+    ann, bob = world.add_player("ann"), world.add_player("bob")
+    world.step()
+    world.send(ann, "move", {"dx": "fast"})
+    world.send(bob, "move", {"dy": 1.0})
+    world.step()
+    (failure,) = world.failures
+    assert failure.entity == ann and failure.input and failure.tick == 2
+    assert "dx must be a number" in failure.error and "tavern.py" in failure.where
+    assert world.entity(bob).state.vy > 0
+
+
+def test_inputs_a_client_could_not_send_are_refused_at_once() -> None:
+    world = _tavern()
+    ann = world.add_player("ann")
+    with pytest.raises(KeyError, match="fly"):
+        world.send(ann, "fly")
+    with pytest.raises(ValueError, match="finite"):
+        world.send(ann, "move", {"dx": math.inf})
+    with pytest.raises(PluginError, match="new_player"):
+        World(["space"], dirs=[PLUGINS], settings={"space": {"ships": 1}}).add_player("ann")
+
+
+def test_the_same_world_on_one_worker_and_on_four() -> None:
+    worlds = [
+        World(["tavern"], dirs=[PLUGINS], settings={"tavern": {"npcs": 150}}, workers=workers)
+        for workers in (1, 4)
+    ]
+    for world in worlds:
+        world.step(40)
+    assert worlds[0].digest() == worlds[1].digest()
+    assert len(worlds[0].entities("patron")) == 150
+
+
+def test_assert_deterministic_passes_the_tavern_and_names_a_sloppy_plugins_mistake() -> None:
+    assert_deterministic(["tavern"], dirs=[PLUGINS], settings={"tavern": {"npcs": 100}}, ticks=20)
+    with pytest.raises(AssertionError, match=r"random\.uniform\(\) \(the global generator\)"):
+        assert_deterministic(
+            ["sloppy"],
+            dirs=[SLOPPY],
+            settings={"sloppy": {"mistake": "global_random", "walkers": 20}},
+            size=60.0,
+            ticks=5,
+        )

@@ -7,18 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 
-from meshd.ops.check import WorldSpec, check, format_report
+from meshd.ops.check import CheckFailed, WorldSpec, check, format_report
 
 SLOPPY = Path(__file__).resolve().parent / "fixtures" / "plugins"
 
 
-def _spec(mistake: str, walkers: int = 40) -> WorldSpec:
+def _spec(mistake: str, walkers: int = 40, **settings) -> WorldSpec:
     return WorldSpec(
         plugins=["sloppy"],
         dirs=[str(SLOPPY)],
-        settings={"sloppy": {"mistake": mistake, "walkers": walkers}},
+        settings={"sloppy": {"mistake": mistake, "walkers": walkers, **settings}},
         size=60.0,
         seed=3,
         dt=0.05,
@@ -27,7 +28,7 @@ def _spec(mistake: str, walkers: int = 40) -> WorldSpec:
 
 
 def test_a_correct_plugin_is_the_same_every_way_after_every_tick() -> None:
-    report = check(_spec("none"), ticks=20)
+    report = check(_spec("none", chatty=True), ticks=20)  # its prints do not get in the way
     assert report.same
     assert set(report.first_differing_tick.values()) == {None}
     assert report.findings == [] and report.causes == []
@@ -96,3 +97,15 @@ def test_a_plugin_that_does_not_load_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "nowhere" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_plugin_that_fails_to_build_its_world_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text(
+        "from meshd import Plugin\n"
+        "def create_world(world):\n"
+        "    raise RuntimeError('no map file')\n"
+        "plugin = Plugin(name='broken', create_world=create_world)\n"
+    )
+    spec = attrs.evolve(_spec("none"), plugins=["broken"], dirs=[str(tmp_path)], settings={})
+    with pytest.raises(CheckFailed, match=r"one worker.*RuntimeError: no map file"):
+        check(spec, ticks=2)

@@ -153,21 +153,29 @@ class WayResult:
     """The entities after the tick asked for, if any."""
 
 
-def run_way(
-    spec: WorldSpec,
-    way: Way,
-    ticks: int,
-    *,
-    dump_at: int = 0,
-    data_dir: Path | None = None,
-    resume: bool = False,
-) -> WayResult:
-    """Run ``way`` (in this process): every tick's digest, what the guards noticed.
+@attrs.frozen
+class Run:
+    """One run of a way, as the child is asked for it."""
 
-    A restarting way runs in two calls: the first stops after
-    ``way.restart_at`` with the world saved in ``data_dir``; the second
-    (``resume``) loads it from there and runs the remaining ticks.
+    way: Way
+    ticks: int
+    dump_at: int = 0
+    """Keep every entity after this tick (0: none)."""
+    data_dir: str | None = None
+    """Where a restarting way keeps its ``world.db``."""
+    resume: bool = False
+    """The second half of a restarting way: load the world from ``data_dir``."""
+
+
+def run_way(spec: WorldSpec, run: Run) -> WayResult:
+    """Run a way (in this process): every tick's digest, what the guards noticed.
+
+    A restarting way runs twice: the first stops after ``way.restart_at``
+    with the world saved in ``data_dir``; the second (``resume``) loads it
+    from there and runs the remaining ticks.
     """
+    way, ticks, dump_at, resume = run.way, run.ticks, run.dump_at, run.resume
+    data_dir = None if run.data_dir is None else Path(run.data_dir)
     findings: Findings = Findings()
     result = WayResult()
     with watch_ambient(findings):
@@ -260,42 +268,44 @@ class CheckReport:
         }
 
 
-def _child(
-    spec: WorldSpec,
-    way: Way,
-    ticks: int,
-    *,
-    dump_at: int = 0,
-    data_dir: Path | None = None,
-    resume: bool = False,
-) -> WayResult:
-    """:func:`run_way` in a new Python process with the way's own string-hash seed."""
-    request = {
-        "spec": attrs.asdict(spec),
-        "way": attrs.asdict(way),
-        "ticks": ticks,
-        "dump_at": dump_at,
-        "data_dir": None if data_dir is None else str(data_dir),
-        "resume": resume,
-    }
-    env = dict(os.environ, PYTHONHASHSEED=str(way.hash_seed))
-    done = subprocess.run(
-        [sys.executable, "-m", "meshd.ops.check"],
-        input=json.dumps(request).encode(),
-        capture_output=True,
-        env=env,
-        check=False,
-    )
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise CheckFailed(f"way {way.name!r} could not run: {lines[-1] if lines else 'no output'}")
-    answer = cbor2.loads(done.stdout)
+CHILD_TIMEOUT = 1800.0
+"""Seconds a way may take: more means a system that never returns."""
+
+
+def _child(spec: WorldSpec, run: Run) -> WayResult:
+    """:func:`run_way` in a new Python process with the way's own string-hash seed.
+
+    The answer comes back in a file: whatever the plugins print stays out of it.
+    """
+    env = dict(os.environ, PYTHONHASHSEED=str(run.way.hash_seed))
+    with tempfile.TemporaryDirectory(prefix="meshd-check-") as folder:
+        answer = Path(folder) / "answer.cbor"
+        request = {"spec": attrs.asdict(spec), "run": attrs.asdict(run), "answer": str(answer)}
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "meshd.ops.check"],
+                input=json.dumps(request).encode(),
+                capture_output=True,
+                env=env,
+                check=False,
+                timeout=CHILD_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise CheckFailed(
+                f"way {run.way.name!r} did not finish in {CHILD_TIMEOUT:g} s "
+                "(a system or handler that never returns?)"
+            ) from None
+        if done.returncode != 0 or not answer.exists():
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            last = lines[-1] if lines else f"exit status {done.returncode}, no output"
+            raise CheckFailed(f"way {run.way.name!r} could not run: {last}")
+        result = cbor2.loads(answer.read_bytes())
     return WayResult(
-        digests=answer["digests"],
-        findings=[tuple(finding) for finding in answer["findings"]],
+        digests=result["digests"],
+        findings=[tuple(finding) for finding in result["findings"]],
         records=None
-        if answer["records"] is None
-        else {int(key): value for key, value in answer["records"].items()},
+        if result["records"] is None
+        else {int(key): value for key, value in result["records"].items()},
     )
 
 
@@ -305,10 +315,10 @@ class CheckFailed(Exception):
 
 def _run(spec: WorldSpec, way: Way, ticks: int, dump_at: int = 0) -> WayResult:
     if not way.restart_at:
-        return _child(spec, way, ticks, dump_at=dump_at)
+        return _child(spec, Run(way, ticks, dump_at))
     with tempfile.TemporaryDirectory(prefix="meshd-check-") as folder:
-        first = _child(spec, way, ticks, dump_at=dump_at, data_dir=Path(folder))
-        second = _child(spec, way, ticks, dump_at=dump_at, data_dir=Path(folder), resume=True)
+        first = _child(spec, Run(way, ticks, dump_at, folder))
+        second = _child(spec, Run(way, ticks, dump_at, folder, resume=True))
     return WayResult(
         digests=first.digests + second.digests,
         findings=first.findings + second.findings,
@@ -381,15 +391,26 @@ def compare(
             fields = {}
             for name, left, right in zip(("kind", "x", "y", "z"), a[1:5], b[1:5], strict=True):
                 if left != right:
-                    fields[name] = [left, right]
+                    fields[name] = [_plain(left), _plain(right)]
             names = schema.get(a[1], ())
             for name, left, right in zip(names, a[5], b[5], strict=True):
                 if left != right:
-                    fields[name] = [left, right]
+                    fields[name] = [_plain(left), _plain(right)]
             shown.append({"id": entity_id, "kind": a[1], "fields": fields})
         if len(shown) == SHOWN_ENTITIES:
             break
     return shown
+
+
+def _plain(value: Any) -> Any:
+    """A state value as JSON holds it (bytes as hex)."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def likely_causes(
@@ -453,28 +474,19 @@ def format_report(report: CheckReport) -> list[str]:
 
 
 def _main() -> int:
-    """The child: one way, its request on stdin, its result as CBOR on stdout."""
+    """The child: one run of a way, asked on stdin, answered as CBOR in the file named."""
     request = json.loads(sys.stdin.buffer.read())
-    result = run_way(
-        WorldSpec(**request["spec"]),
-        Way(**request["way"]),
-        request["ticks"],
-        dump_at=request["dump_at"],
-        data_dir=None if request["data_dir"] is None else Path(request["data_dir"]),
-        resume=request["resume"],
-    )
+    run = request["run"]
+    result = run_way(WorldSpec(**request["spec"]), Run(**{**run, "way": Way(**run["way"])}))
     records = None
     if result.records is not None:
         records = {str(key): value for key, value in result.records.items()}
-    sys.stdout.buffer.write(
-        cbor2.dumps(
-            {
-                "digests": result.digests,
-                "findings": [list(finding) for finding in result.findings],
-                "records": records,
-            }
-        )
-    )
+    answer = {
+        "digests": result.digests,
+        "findings": [list(finding) for finding in result.findings],
+        "records": records,
+    }
+    Path(request["answer"]).write_bytes(cbor2.dumps(answer))
     return 0
 
 

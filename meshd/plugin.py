@@ -89,12 +89,20 @@ class Kind:
     a new one (``meshd check`` finds the mistake). ``max_speed`` is in metres
     per simulated second, ``radius`` the farthest (in metres) a system of this
     kind looks from the entity's position; together they set the minimum halo.
+
+    The state class may gain fields with defaults: stored entities load
+    with the default. A field removed, renamed or given another type needs
+    ``migrate``: a function from a stored state's field map to one the class
+    takes (``lambda old: {"health": old.pop("hp"), **old}``), run when a
+    stored entity that does not fit the class as it is loads from world.db.
+    Without it such a world is refused at start, naming the kind and field.
     """
 
     state: type
     systems: tuple[System, ...] = ()
     max_speed: float = 0.0
     radius: float = 0.0
+    migrate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 @attrs.frozen

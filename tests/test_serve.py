@@ -28,6 +28,7 @@ from conftest import (
 )
 
 from meshd.mesh.layout import Layout
+from meshd.store.db import DB_NAME, Store
 
 
 @pytest.mark.parametrize("world", [TAVERN, SPACE], ids=["tavern", "space"])
@@ -318,8 +319,51 @@ def test_a_removed_state_field_names_the_kind_the_field_and_the_way_out(tmp_path
     assert result.stderr.splitlines() == [
         "error: stored entity 1 (kind 'walker') has field(s) weight, which state class Walker "
         "no longer defines: put them back in Walker (a default is enough) to load this world; "
-        "a field that holds stored data cannot be removed yet"
+        "or declare Kind(migrate=...)"
     ]
+
+
+def test_a_declared_migration_loads_an_old_world_and_stores_it_in_the_new_form(
+    tmp_path: Path,
+) -> None:
+    plugin = tmp_path / "piles.py"
+    plugin.write_text(
+        REPEATING.replace('"repeating"', '"piles"').replace(
+            "steps: int = 0", "steps: int = 0\n    weight: float = 1.0"
+        )
+    )
+    config = write_config(
+        tmp_path,
+        {"world": {"size": 100.0}, "plugins": {"load": ["piles"], "dirs": [str(tmp_path)]}},
+    )
+    meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "2")
+    # weight is dropped, steps renamed paces (a string now); a migration says how
+    renamed = (
+        plugin.read_text()
+        .replace("steps: int = 0\n    weight: float = 1.0", "paces: str = ''\n    fresh: int = 7")
+        .replace("me.state.steps", "me.state.paces")
+        .replace(
+            "max_speed=20.0, radius=1.0)",
+            "max_speed=20.0, radius=1.0, migrate=lambda old: {'paces': str(old['steps'] + 10)})",
+        )
+    )
+    plugin.write_text(renamed.replace("str(old['steps'] + 10)", "old['nope']"))
+    failed = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [
+        "error: stored entity 1 (kind 'walker'): its kind's migrate failed: KeyError('nope')"
+    ]
+    plugin.write_text(renamed)
+    result = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "1")
+    assert "migrated stored states" in result.stderr
+    store = Store(tmp_path / "data" / DB_NAME, readonly=True)
+    try:
+        states = {row[0]: cbor2.loads(row[5]) for row in store.rows()}
+    finally:
+        store.close()
+    assert states[1] == {"paces": "10", "fresh": 7}
+    # walker 2 fails every tick, so never changes: only the load stored it in the new form
+    assert states[2] == {"paces": "10", "fresh": 7}
 
 
 def test_the_cost_report_counts_entities_crossing_workers(tavern_config: Path) -> None:

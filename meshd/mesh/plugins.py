@@ -38,16 +38,21 @@ class KindCodec:
     cls: type
     fields: tuple[str, ...]
     _getter: Callable[[Any], Any]
+    migrate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """The kind's migration of stored states that do not fit the class (``Kind.migrate``)."""
 
     @classmethod
-    def for_class(cls, state_cls: type) -> KindCodec:
+    def for_kind(cls, kind: Kind) -> KindCodec:
+        state_cls = kind.state
         names = tuple(field.name for field in attrs.fields(state_cls))
         if not names:
-            return cls(state_cls, names, lambda _state: ())
-        if len(names) == 1:
+            getter: Callable[[Any], Any] = lambda _state: ()  # noqa: E731
+        elif len(names) == 1:
             single = operator.attrgetter(names[0])
-            return cls(state_cls, names, lambda state: (single(state),))
-        return cls(state_cls, names, operator.attrgetter(*names))
+            getter = lambda state: (single(state),)  # noqa: E731
+        else:
+            getter = operator.attrgetter(*names)
+        return cls(state_cls, names, getter, kind.migrate)
 
     def to_wire(self, state: Any) -> tuple[Any, ...]:
         return self._getter(state)
@@ -107,7 +112,7 @@ class PluginSet:
             names = [plugin.name for plugin in with_players]
             raise PluginError(f"only one plugin may define new_player, got {names}")
         self.new_player = with_players[0] if with_players else None
-        self.codecs = {name: KindCodec.for_class(kind.state) for name, kind in self.kinds.items()}
+        self.codecs = {name: KindCodec.for_kind(kind) for name, kind in self.kinds.items()}
         self.systems = {name: tuple(kind.systems) for name, kind in self.kinds.items()}
 
     def required_halo(self, dt: float) -> tuple[float, str | None]:

@@ -137,6 +137,20 @@ def load_or_create(
     return WorldSnapshot(0, world.seed, len(records) + 1, records, []), True
 
 
+def _migrated_delta(snapshot: WorldSnapshot) -> Delta:
+    """The entities a kind's ``migrate`` changed on loading, rewritten at the loaded tick."""
+    migrated = set(snapshot.migrated)
+    return Delta(
+        tick=snapshot.tick,
+        seed=snapshot.seed,
+        next_id=snapshot.next_id,
+        events=snapshot.events,
+        upserts=[record for record in snapshot.records if record[0] in migrated],
+        deletes=[],
+        quarantined=snapshot.quarantined,
+    )
+
+
 async def serve(
     config: Config,
     *,
@@ -178,6 +192,13 @@ async def serve(
             log.info("created a new world", entities=len(snapshot.records), seed=world.seed)
         else:
             log.info("loaded world", tick=snapshot.tick, entities=len(snapshot.records))
+        if snapshot.migrated:
+            # Stored in the new form at once, so the migration never has to run again.
+            store.write(_migrated_delta(snapshot), plugins.schema())
+            log.info(
+                "migrated stored states to the plugins' state classes",
+                entities=len(snapshot.migrated),
+            )
         dynamic = config.mesh.mode == "dynamic"
         workers = config.mesh.min_workers if dynamic else config.mesh.workers
         layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)

@@ -11,7 +11,7 @@ alike.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -34,6 +34,8 @@ class WorldSnapshot:
     records: list[list[Any]]
     events: list[list[Any]]
     quarantined: list[int] = attrs.field(factory=list)
+    migrated: list[int] = attrs.field(factory=list)
+    """Entities whose stored state went through their kind's ``migrate`` on loading."""
 
 
 @attrs.define
@@ -59,6 +61,9 @@ class StateCodec(Protocol):
 
     @property
     def fields(self) -> tuple[str, ...]: ...
+
+    @property
+    def migrate(self) -> Callable[[dict[str, Any]], dict[str, Any]] | None: ...
 
     def from_dict(
         self, data: Mapping[str, Any], converter: cattrs.Converter
@@ -91,21 +96,48 @@ def world_hash(
     return digest.hexdigest()
 
 
-def decode_state(entity_id: int, kind: str, data: Any, codec: StateCodec) -> tuple[Any, ...]:
-    """A stored entity's state as its kind's class has it now; what to do if it cannot be."""
+def decode_state(
+    entity_id: int, kind: str, data: Any, codec: StateCodec
+) -> tuple[tuple[Any, ...], bool]:
+    """A stored entity's state as its kind's class has it now, and whether it was migrated;
+    what to do if it cannot be.
+
+    A state that does not fit the class as it is goes through the kind's
+    ``migrate``, if it has one.
+    """
+    entity = f"stored entity {entity_id} (kind {kind!r})"
+    try:
+        return _fit(data, codec), False
+    except _Misfit as misfit:
+        if codec.migrate is None:
+            raise StoreError(f"{entity} {misfit}; or declare Kind(migrate=...)") from None
+    try:
+        return _fit(codec.migrate(dict(data)), codec), True
+    except _Misfit as misfit:
+        raise StoreError(f"{entity}, migrated by its kind's migrate, {misfit}") from None
+    except Exception as exc:
+        raise StoreError(f"{entity}: its kind's migrate failed: {exc!r}") from None
+
+
+class _Misfit(Exception):
+    """A stored state that the state class does not take as it is (the message says why)."""
+
+
+def _fit(data: Any, codec: StateCodec) -> tuple[Any, ...]:
     cls = codec.cls.__name__
-    gone = sorted(set(data) - set(codec.fields)) if isinstance(data, dict) else []
+    if not isinstance(data, Mapping):
+        raise _Misfit(f"is not a field map but {type(data).__name__}")
+    gone = sorted(set(data) - set(codec.fields))
     if gone:
-        raise StoreError(
-            f"stored entity {entity_id} (kind {kind!r}) has field(s) {', '.join(gone)}, which "
-            f"state class {cls} no longer defines: put them back in {cls} (a default is "
-            "enough) to load this world; a field that holds stored data cannot be removed yet"
+        raise _Misfit(
+            f"has field(s) {', '.join(gone)}, which state class {cls} no longer defines: put "
+            f"them back in {cls} (a default is enough) to load this world"
         )
     try:
         return codec.from_dict(data, CONVERTER)
     except Exception as exc:
         details = "; ".join(cattrs.transform_error(exc, path=cls))
-        raise StoreError(
-            f"stored entity {entity_id} (kind {kind!r}) does not fit state class {cls}: "
-            f"{details}; give new fields a default, and keep stored fields' types"
+        raise _Misfit(
+            f"does not fit state class {cls}: {details}; give new fields a default, "
+            "and keep stored fields' types"
         ) from None

@@ -96,15 +96,17 @@ class Store:
         meta = self.meta()
         if not meta:
             return None
-        records = []
+        records, migrated = [], []
         for entity_id, kind, x, y, z, state in self.rows():
             codec = codecs.get(kind)
             if codec is None:
                 raise StoreError(
                     f"stored entity {entity_id} has kind {kind!r}, which no plugin defines"
                 )
-            values = decode_state(entity_id, kind, cbor2.loads(state), codec)
+            values, changed = decode_state(entity_id, kind, cbor2.loads(state), codec)
             records.append([entity_id, kind, x, y, z, values])
+            if changed:
+                migrated.append(entity_id)
         return WorldSnapshot(
             meta["tick"],
             meta["seed"],
@@ -112,6 +114,7 @@ class Store:
             records,
             meta["events"],
             meta["quarantined"],
+            migrated,
         )
 
     def put_account(self, name: str, salt: bytes, digest: bytes, kdf: str) -> None:

@@ -236,6 +236,8 @@ class Context:
         self.max_step = {
             kind: spec.max_speed * world.dt * (1 + 1e-9) for kind, spec in plugins.kinds.items()
         }
+        self._kinds: dict[str, frozenset[str]] = {}
+        """``nearby``'s single kinds, checked once a tick."""
         self._me: Entity | None = None
         self._prev: View | None = None
         self._rng: TickRng | None = None
@@ -270,16 +272,24 @@ class Context:
     def nearby(
         self,
         radius: float,
-        kind: str | None = None,
+        kind: str | Iterable[str] | None = None,
         *,
         x: float | None = None,
         y: float | None = None,
     ) -> list[View]:
-        """Other entities within ``radius`` of a point (default: this entity's last position).
+        """Other entities within ``radius`` of a point (default: this entity's last position),
+        sorted by id; of one kind, of any of several (``("mug", "bottle")``) or of any.
 
         Positions and states are those at the end of the previous tick.
-        Raises :class:`ReachError` beyond the kind's declared reach.
+        Raises :class:`ReachError` beyond the kind's declared reach and
+        ``KeyError`` for a kind no plugin defines.
         """
+        if kind is None:
+            kinds = None
+        elif isinstance(kind, str):
+            kinds = self._kinds.get(kind) or self._kind_set(kind)
+        else:
+            kinds = self._kind_set(kind)
         me, prev = self._me, self._prev
         assert me is not None and prev is not None
         cx = prev.x if x is None else x
@@ -289,7 +299,16 @@ class Context:
                 f"{me.kind} {me.id} looked {radius} m around ({cx:.2f}, {cy:.2f}), beyond its "
                 f"declared reach of {self._reach[me.kind]} m (raise Kind.radius)"
             )
-        return self._index.query(cx, cy, radius, kind, me.id)
+        return self._index.query(cx, cy, radius, kinds, me.id)
+
+    def _kind_set(self, kind: str | Iterable[str]) -> frozenset[str]:
+        kinds = frozenset((kind,) if isinstance(kind, str) else kind)
+        unknown = sorted(kinds - self._plugins.kinds.keys())
+        if unknown:
+            raise KeyError(f"no plugin defines entity kind(s) {', '.join(map(repr, unknown))}")
+        if isinstance(kind, str):
+            self._kinds[kind] = kinds
+        return kinds
 
     def send(self, target: int, name: str, data: Any = None) -> None:
         """Deliver event ``name`` to entity ``target`` on the next tick."""

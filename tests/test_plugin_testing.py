@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 
-from meshd import PluginError
+from meshd import Kind, Plugin, PluginError
 from meshd.testing import World, assert_deterministic
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
@@ -92,3 +93,48 @@ def test_assert_deterministic_passes_the_tavern_and_names_a_sloppy_plugins_mista
             size=60.0,
             ticks=5,
         )
+
+
+@attrs.frozen
+class _Counts:
+    mugs: int = 0
+    mugs_or_bottles: int = 0
+
+
+def _look(me, ctx) -> None:
+    me.state = attrs.evolve(
+        me.state,
+        mugs=len(ctx.nearby(20.0, "mug")),
+        mugs_or_bottles=len(ctx.nearby(20.0, ("mug", "bottle"))),
+    )
+
+
+def _typo(me, ctx) -> None:
+    ctx.nearby(20.0, "mugg")
+
+
+def _spawn_some(world) -> None:
+    world.spawn("looker", 50.0, 50.0)
+    for offset in (1.0, 2.0):
+        world.spawn("mug", 50.0 + offset, 50.0)
+    world.spawn("bottle", 50.0, 53.0)
+    world.spawn("bottle", 90.0, 90.0)  # out of reach
+
+
+def test_nearby_takes_several_kinds_and_names_an_unknown_one() -> None:
+    still = _Counts
+    plugin = Plugin(
+        name="looking",
+        kinds={
+            "looker": Kind(_Counts, systems=(_look,), radius=20.0),
+            "mug": Kind(still),
+            "bottle": Kind(still, systems=(_typo,), radius=20.0),
+        },
+        create_world=_spawn_some,
+    )
+    world = World([plugin])
+    world.step()
+    (looker,) = world.entities("looker")
+    assert looker.state == _Counts(mugs=2, mugs_or_bottles=3)
+    assert {failure.entity for failure in world.failures} == {4, 5}
+    assert "no plugin defines entity kind(s) 'mugg'" in world.failures[0].error

@@ -80,9 +80,9 @@ class SpatialIndex:
             bucket.append(view)
 
     def query(
-        self, x: float, y: float, radius: float, kind: str | None, exclude: int
+        self, x: float, y: float, radius: float, kinds: frozenset[str] | None, exclude: int
     ) -> list[View]:
-        """Views within ``radius`` of (x, y), sorted by id."""
+        """Views within ``radius`` of (x, y) (of ``kinds``, if given), sorted by id."""
         cell, cells, r2 = self.cell, self.cells, radius * radius
         found: list[View] = []
         for cx in range(int((x - radius) // cell), int((x + radius) // cell) + 1):
@@ -95,7 +95,7 @@ class SpatialIndex:
                     if (
                         dx * dx + dy * dy <= r2
                         and view.id != exclude
-                        and (kind is None or view.kind == kind)
+                        and (kinds is None or view.kind in kinds)
                     ):
                         found.append(view)
         found.sort()

@@ -166,6 +166,8 @@ class ReachError(Exception):
 
 
 _MASK64 = (1 << 64) - 1
+MAX_AFTER = 1 << 31
+"""The farthest a timer (``Context.send(..., after=...)``) may reach, in ticks."""
 
 
 class TickRng(random.Random):
@@ -310,14 +312,27 @@ class Context:
             self._kinds[kind] = kinds
         return kinds
 
-    def send(self, target: int, name: str, data: Any = None) -> None:
-        """Deliver event ``name`` to entity ``target`` on the next tick."""
+    def send(self, target: int, name: str, data: Any = None, *, after: int = 1) -> None:
+        """Deliver event ``name`` to entity ``target`` ``after`` ticks from now (the next tick).
+
+        A timer: ``ctx.send(me.id, "respawn", after=100)`` arrives 100 ticks
+        later; the core keeps it (in world.db too), so it survives a worker's
+        failure, a re-layout and a restart. It is dropped if its target no
+        longer exists. Delivered events are sorted by sender; from one sender,
+        timers first (the earliest sent first), then this tick's events in the
+        order they were sent.
+        """
         me = self._me
         assert me is not None
         if name not in self._plugins.handlers:
             raise KeyError(f"no plugin handles event {name!r}")
+        if type(after) is not int or not 1 <= after <= MAX_AFTER:
+            raise ValueError(f"after must be a whole number of ticks, 1 to {MAX_AFTER}")
         check_wire_value(data)
-        self.events.append([int(target), me.id, self._sent, name, data])
+        event = [int(target), me.id, self._sent, name, data]
+        if after > 1:
+            event.append(self.tick + after)
+        self.events.append(event)
         self._sent += 1
 
     def spawn(self, kind: str, x: float, y: float, z: float = 0.0, state: Any = None) -> None:

@@ -138,3 +138,51 @@ def test_nearby_takes_several_kinds_and_names_an_unknown_one() -> None:
     assert looker.state == _Counts(mugs=2, mugs_or_bottles=3)
     assert {failure.entity for failure in world.failures} == {4, 5}
     assert "no plugin defines entity kind(s) 'mugg'" in world.failures[0].error
+
+
+@attrs.frozen
+class _Bell:
+    rung: list[list[int]] = attrs.field(factory=list)
+    refused: str = ""
+
+
+def _ring_later(me, ctx) -> None:
+    if ctx.tick == 1:
+        ctx.send(me.id, "ring", {"n": 1}, after=5)
+        ctx.send(me.id, "ring", {"n": 2}, after=3)
+        ctx.send(me.id, "ring", {"n": 3})
+        refused = []
+        for after in (0, 1.5, True, 1 << 40):
+            try:
+                ctx.send(me.id, "ring", {"n": 0}, after=after)
+            except ValueError:
+                refused.append(repr(after))
+        me.state = attrs.evolve(me.state, refused=",".join(refused))
+    if ctx.tick == 2 and me.id == 2:
+        ctx.send(1, "ring", {"n": 9}, after=4)  # arrives though its sender is gone
+        ctx.send(2, "ring", {"n": 8}, after=2)  # dropped: its target is gone
+        ctx.despawn()
+
+
+def _ring(me, event, ctx) -> None:
+    me.state = attrs.evolve(me.state, rung=[*me.state.rung, [ctx.tick, event.data["n"]]])
+
+
+def test_a_timer_arrives_after_its_ticks_in_order_and_is_checked() -> None:
+    def two_bells(world) -> None:
+        world.spawn("bell", 1.0, 1.0)
+        world.spawn("bell", 2.0, 1.0)
+
+    plugin = Plugin(
+        name="bells",
+        kinds={"bell": Kind(_Bell, systems=(_ring_later,))},
+        events={"ring": _ring},
+        create_world=two_bells,
+    )
+    world = World([plugin], size=10.0)
+    world.step(10)
+    first = world.entity(1)
+    # by sender at tick 6: bell 1's own timer, then bell 2's
+    assert first.state.rung == [[2, 3], [4, 2], [6, 1], [6, 9]]
+    assert first.state.refused == f"0,1.5,True,{1 << 40}"
+    assert world.entity(2) is None and world.failures == []

@@ -32,6 +32,9 @@ from meshd.mesh.plugins import PluginSet
 from meshd.plugin import GATEWAY
 from meshd.store.codec import Delta, Row, WorldSnapshot, to_row, world_hash
 
+TIMER_SEQ = 1 << 32
+"""Sequence numbers of one sender's events in one tick stay below this."""
+
 
 @attrs.define
 class Outbox:
@@ -100,6 +103,9 @@ class Replication:
         self.outboxes: dict[int, Outbox] = {w: Outbox() for w in layout.workers}
         self.layout_pending: set[int] = set(layout.workers)
         self.pending_events: list[list[Any]] = []
+        self.timers: list[list[Any]] = [list(timer) for timer in snapshot.timers]
+        """Events for a later tick than the next: ``[due tick, target, sender, seq, name,
+        data]``, the seq made unique and earliest-sent first when sent (:meth:`commit`)."""
         self.dirty: set[int] = set()
         self.deleted: set[int] = set()
         self.counts: dict[str, int] = {}
@@ -190,7 +196,15 @@ class Replication:
                 self._forget_failed_inputs(reply)
                 report.input_errors.extend(map(tuple, reply.input_errors))
             spawns.extend(reply.spawns)
-            events.extend(reply.events)
+            for event in reply.events:
+                if len(event) == 5:
+                    events.append(event)
+                else:  # a timer: [target, sender, seq, name, data, due]
+                    target, sender, seq, name, data, due = event
+                    # Delivered with others of its sender by seq: timers before this
+                    # tick's events, the earliest sent first, each seq unique.
+                    seq += (tick - due) * TIMER_SEQ
+                    self.timers.append([due, target, sender, seq, name, data])
             self.counts.update(reply.counts)
             self.cost_ms.update(reply.cost_ms)
             self.worker_cpu_ms[reply.worker] = reply.cpu_ms
@@ -201,7 +215,10 @@ class Replication:
             self._set_record(record)
             self._place(record)
         report.spawned = len(spawns)
-        report.dropped_events = self._route_events(events)
+        due = [timer[1:] for timer in self.timers if timer[0] == tick + 1]
+        if due:
+            self.timers = [timer for timer in self.timers if timer[0] != tick + 1]
+        report.dropped_events = self._route_events(due + events)
         self.errors_total += len(report.errors)
         self._count_errors(report)
         self.tick = tick
@@ -509,6 +526,7 @@ class Replication:
             upserts=[self.records[i] for i in self.dirty],
             deletes=sorted(self.deleted),
             quarantined=sorted(self.quarantined),
+            timers=sorted(self.timers),
         )
         self.dirty = set()
         self.deleted = set()
@@ -521,4 +539,6 @@ class Replication:
 
     def hash(self) -> str:
         """The world hash as of the last checkpoint (exact only at a checkpoint tick)."""
-        return world_hash(self.rows(), self.next_id, self.pending_events, self.quarantined)
+        return world_hash(
+            self.rows(), self.next_id, self.pending_events, self.quarantined, self.timers
+        )

@@ -34,6 +34,8 @@ class WorldSnapshot:
     records: list[list[Any]]
     events: list[list[Any]]
     quarantined: list[int] = attrs.field(factory=list)
+    timers: list[list[Any]] = attrs.field(factory=list)
+    """Events sent for a later tick: ``[due tick, target, sender, seq, name, data]``."""
     migrated: list[int] = attrs.field(factory=list)
     """Entities whose stored state went through their kind's ``migrate`` on loading."""
 
@@ -49,6 +51,7 @@ class Delta:
     upserts: list[list[Any]]
     deletes: list[int]
     quarantined: list[int] = attrs.field(factory=list)
+    timers: list[list[Any]] = attrs.field(factory=list)
     players: list[tuple[str, int]] = attrs.field(factory=list)
     """Players' new entities: (name, entity id); their accounts are already stored."""
 
@@ -84,8 +87,10 @@ def world_hash(
     next_id: int,
     events: Sequence[Sequence[Any]],
     quarantined: Iterable[int] = (),
+    timers: Sequence[Sequence[Any]] = (),
 ) -> str:
-    """SHA-256 over the rows (in id order), the id counter, pending events and quarantine."""
+    """SHA-256 over the rows (in id order), the id counter, pending events, quarantine
+    and timers (a world without timers hashes as it did before they existed)."""
     digest = hashlib.sha256()
     for entity_id, kind, x, y, z, state in rows:
         digest.update(cbor2.dumps([entity_id, kind, x, y, z], canonical=True))
@@ -93,6 +98,8 @@ def world_hash(
     digest.update(
         cbor2.dumps([next_id, sorted(list(e) for e in events), sorted(quarantined)], canonical=True)
     )
+    if timers:
+        digest.update(cbor2.dumps(sorted(list(timer) for timer in timers), canonical=True))
     return digest.hexdigest()
 
 

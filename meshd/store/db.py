@@ -114,6 +114,7 @@ class Store:
             records,
             meta["events"],
             meta["quarantined"],
+            meta.get("timers", []),  # none before timers existed
             migrated,
         )
 
@@ -140,6 +141,7 @@ class Store:
             "next_id": delta.next_id,
             "events": delta.events,
             "quarantined": delta.quarantined,
+            "timers": delta.timers,
         }
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO entity VALUES (?, ?, ?, ?, ?, ?)", rows)

@@ -23,7 +23,13 @@ def offline_world(data_dir: Path, with_hash: bool) -> dict[str, Any]:
         if not meta:
             raise StoreError(f"{path} holds no world yet")
         digest = (
-            world_hash(store.rows(), meta["next_id"], meta["events"], meta["quarantined"])
+            world_hash(
+                store.rows(),
+                meta["next_id"],
+                meta["events"],
+                meta["quarantined"],
+                meta.get("timers", []),
+            )
             if with_hash
             else None
         )

@@ -35,6 +35,7 @@ __all__ = [
     "GATEWAY",
     "JOIN",
     "LEAVE",
+    "Arg",
     "Context",
     "Entity",
     "Event",
@@ -49,7 +50,14 @@ __all__ = [
     "View",
     "WorldBuilder",
     "WorldHook",
+    "choice",
     "first_hit",
+    "flag",
+    "integer",
+    "list_of",
+    "number",
+    "takes",
+    "text",
 ]
 
 
@@ -118,11 +126,146 @@ class Plugin:
     """Called once per new player name: spawns that player's entity (exactly one)."""
     inputs: Mapping[str, EventHandler] = attrs.field(factory=dict)
     """Input handlers by action, run on the player's entity at the next tick with the
-    client's arguments as ``event.data`` (plain values, finite numbers, at most 8
-    levels deep: the gateway checked). An exception undoes that input alone and is
+    client's arguments as ``event.data``. A handler decorated with :func:`takes`
+    gets only arguments of the declared shapes (defaults filled in): the gateway
+    refuses others with ``bad_input`` naming the argument. Without a
+    declaration the arguments are plain values, finite numbers, at most 8
+    levels deep (the gateway checked). An exception undoes that input alone and is
     sent to the player as ``bad_input`` with its message, so name the argument in it.
     ``join`` and ``leave`` (optional) come from the gateway itself when the player
     connects and when the connection ends."""
+
+
+@attrs.frozen
+class Arg:
+    """The shape of one argument of a player input: made by :func:`number`,
+    :func:`integer`, :func:`text`, :func:`flag`, :func:`choice` or :func:`list_of`,
+    declared with :func:`takes`."""
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    max_length: int = 0
+    choices: list[Any] = attrs.field(factory=list)
+    item: Arg | None = None
+    required: bool = True
+    default: Any = None
+
+    def check(self, value: Any, path: str) -> Any:
+        """``value`` if it has this shape (a number as a float); ``ValueError`` naming ``path``."""
+        kind = type(value)
+        if self.type in ("number", "integer"):
+            wanted = (int,) if self.type == "integer" else (int, float)
+            if kind not in wanted:
+                raise ValueError(f"argument {path} must be {_A[self.type]}, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"argument {path} is {value}: numbers must be finite")
+            assert self.low is not None and self.high is not None
+            if not self.low <= value <= self.high:
+                raise ValueError(
+                    f"argument {path} must be {self.low:g} to {self.high:g}, got {value}"
+                )
+            return float(value) if self.type == "number" else value
+        if self.type == "text":
+            if kind is not str:
+                raise ValueError(f"argument {path} must be text, got {value!r}")
+            if len(value) > self.max_length:
+                raise ValueError(f"argument {path} is longer than {self.max_length} characters")
+            return value
+        if self.type == "flag":
+            if kind is not bool:
+                raise ValueError(f"argument {path} must be true or false, got {value!r}")
+            return value
+        if self.type == "choice":
+            if not any(type(c) is kind and c == value for c in self.choices):
+                shown = ", ".join(map(repr, self.choices))
+                raise ValueError(f"argument {path} must be one of {shown}, got {value!r}")
+            return value
+        if self.type == "list":
+            if kind is not list:
+                raise ValueError(f"argument {path} must be a list, got {value!r}")
+            if len(value) > self.max_length:
+                raise ValueError(f"argument {path} has more than {self.max_length} items")
+            assert self.item is not None
+            return [self.item.check(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        raise ValueError(f"argument {path}: unknown shape {self.type!r}")
+
+
+_A = {"number": "a number", "integer": "a whole number"}
+_REQUIRED: Any = object()
+
+
+def _arg(type_: str, default: Any, **shape: Any) -> Arg:
+    if default is _REQUIRED:
+        return Arg(type_, **shape)
+    arg = Arg(type_, **shape, required=False)
+    return attrs.evolve(arg, default=arg.check(default, "default"))
+
+
+def number(low: float, high: float, *, default: Any = _REQUIRED) -> Arg:
+    """A finite number (integer or float; the handler gets a float) from ``low`` to ``high``."""
+    return _arg("number", default, low=float(low), high=float(high))
+
+
+def integer(low: int, high: int, *, default: Any = _REQUIRED) -> Arg:
+    """A whole number from ``low`` to ``high``."""
+    return _arg("integer", default, low=low, high=high)
+
+
+def text(max_length: int, *, default: Any = _REQUIRED) -> Arg:
+    """A string of at most ``max_length`` characters."""
+    return _arg("text", default, max_length=max_length)
+
+
+def flag(*, default: Any = _REQUIRED) -> Arg:
+    """``true`` or ``false``."""
+    return _arg("flag", default)
+
+
+def choice(*choices: str | int, default: Any = _REQUIRED) -> Arg:
+    """One of ``choices`` (strings or whole numbers)."""
+    return _arg("choice", default, choices=list(choices))
+
+
+def list_of(item: Arg, max_length: int, *, default: Any = _REQUIRED) -> Arg:
+    """A list of at most ``max_length`` values, each of shape ``item``."""
+    return _arg("list", default, item=item, max_length=max_length)
+
+
+def takes(**args: Arg) -> Callable[[EventHandler], EventHandler]:
+    """Declare an input handler's arguments, next to it::
+
+        @takes(dx=number(-1.0, 1.0, default=0.0), dy=number(-1.0, 1.0, default=0.0))
+        def on_move(me, event, ctx): ...
+
+    The gateway then refuses an input with a missing, unexpected or
+    misshapen argument (``bad_input`` naming it), before it reaches the
+    world: the handler only ever sees valid arguments, defaults filled in.
+    """
+
+    def declare(handler: EventHandler) -> EventHandler:
+        handler.meshd_args = dict(args)  # type: ignore[attr-defined]
+        return handler
+
+    return declare
+
+
+def check_input(shape: Mapping[str, Arg], args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` as the handler declared by :func:`takes` gets them; ``ValueError`` naming
+    the argument otherwise."""
+    unexpected = sorted(set(args) - set(shape))
+    if unexpected:
+        takes_ = ", ".join(shape) or "no arguments"
+        raise ValueError(f"unexpected argument {unexpected[0]} (it takes {takes_})")
+    checked = {}
+    for name, arg in shape.items():
+        if name in args:
+            checked[name] = arg.check(args[name], name)
+        elif arg.required:
+            raise ValueError(f"argument {name} is missing")
+        else:
+            checked[name] = arg.default
+    return checked
 
 
 class View(NamedTuple):

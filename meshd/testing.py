@@ -39,7 +39,16 @@ from meshd.mesh.messages import WorldParams
 from meshd.mesh.plugins import INPUT_PREFIX, find_plugin, plugin_set
 from meshd.ops.check import DEFAULT_TICKS, WorldSpec, check, format_report
 from meshd.players.protocol import check_args
-from meshd.plugin import GATEWAY, JOIN, LEAVE, Plugin, PluginError, View, WorldBuilder
+from meshd.plugin import (
+    GATEWAY,
+    JOIN,
+    LEAVE,
+    Plugin,
+    PluginError,
+    View,
+    WorldBuilder,
+    check_input,
+)
 
 __all__ = ["Failure", "World", "assert_deterministic"]
 
@@ -123,13 +132,17 @@ class World:
         """A player input for the next tick, checked as the gateway checks it.
 
         Raises ``KeyError`` for an action no plugin handles and ``ValueError``
-        for arguments a client could not send.
+        for arguments a client could not send or its handler did not declare
+        (``meshd.takes``: the message the player would get).
         """
         if not self.plugins.accepts(action):
             raise KeyError(f"no plugin handles input {action!r}")
         args = dict(args or {})
         for name, value in args.items():
             check_args(value, name, 1)
+        shape = self.plugins.input_shapes.get(action)
+        if shape is not None:
+            args = check_input(shape, args)
         self._inputs.append([entity, action, args])
 
     def step(self, ticks: int = 1) -> None:

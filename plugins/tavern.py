@@ -23,7 +23,7 @@ import time
 
 import attrs
 
-from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder, first_hit
+from meshd import Context, Entity, Event, Kind, Plugin, WorldBuilder, first_hit, number, takes
 
 PERCEPTION = 4.0  # metres a patron looks around
 PERSONAL_SPACE = 1.0
@@ -247,19 +247,24 @@ def on_move(me: Entity, event: Event, ctx: Context) -> None:
     me.state = attrs.evolve(me.state, vx=dx * scale, vy=dy * scale)
 
 
+# `throw`, `drop` and `pick_up` declare their arguments: the gateway refuses anything
+# else, naming the argument. `move` checks its own, to show the other way.
+@takes(angle=number(-1e6, 1e6))
 def on_throw(me: Entity, event: Event, ctx: Context) -> None:
     """``throw {angle}``: a bottle flies off at ``angle`` radians."""
-    angle = _number(event, "angle")
+    angle = event.data["angle"]
     velocity = (math.cos(angle) * BOTTLE_SPEED, math.sin(angle) * BOTTLE_SPEED)
     ctx.spawn("bottle", me.x, me.y, state=Bottle(vx=velocity[0], vy=velocity[1], thrower=me.id))
 
 
+@takes()
 def on_drop(me: Entity, event: Event, ctx: Context) -> None:
     """``drop``: put the mug down here; it stays, forever."""
     if me.state.has_mug:
         _drop_mug(me, ctx)
 
 
+@takes()
 def on_pick_up(me: Entity, event: Event, ctx: Context) -> None:
     """``pick_up``: ask the nearest mug within reach to come along (next tick)."""
     if me.state.has_mug:

@@ -129,6 +129,7 @@ def test_the_public_plugin_api_is_pinned() -> None:
         "GATEWAY",
         "JOIN",
         "LEAVE",
+        "Arg",
         "Context",
         "Entity",
         "Event",
@@ -143,7 +144,14 @@ def test_the_public_plugin_api_is_pinned() -> None:
         "View",
         "WorldBuilder",
         "WorldHook",
+        "choice",
         "first_hit",
+        "flag",
+        "integer",
+        "list_of",
+        "number",
+        "takes",
+        "text",
     ]
     assert plugin_api.__all__ == meshd.__all__
     assert all(getattr(meshd, name) is getattr(plugin_api, name) for name in meshd.__all__)

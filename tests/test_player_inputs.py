@@ -173,3 +173,35 @@ def test_the_readme_client_example_runs_as_written(tavern) -> None:
     first, last = (line.split() for line in (lines[0], lines[-1]))
     assert int(last[0]) > int(first[0]) and float(last[3]) == 5.0
     assert float(last[1]) > float(first[1]) and float(last[2]) == float(first[2])  # walks east
+
+
+def test_a_declared_input_is_refused_at_the_gateway_naming_the_argument(tavern) -> None:
+    """The tavern's `throw` and `drop` declare their arguments (meshd.takes)."""
+    config, address = tavern
+
+    async def main() -> tuple[list[str], int]:
+        async with await client.connect(*address, "thrower", "t") as player:
+            await raw_input(player, 1, "throw", {"angle": "up"})
+            await raw_input(player, 2, "throw", {})
+            await raw_input(player, 3, "throw", {"angle": 0.5, "spin": 3})
+            await raw_input(player, 4, "drop", {"gently": True})
+            await raw_input(player, 5, "throw", {"angle": 2e6})
+            seq = await player.send("throw", angle=1)  # a whole number is a number too
+            await views_until(player, lambda view: view.ack == seq)
+            mine = [
+                e
+                for e in player.world.values()
+                if e.kind == "bottle" and e.state["thrower"] == player.entity
+            ]
+            return player.bad_inputs, len(mine)
+
+    refused, bottles = trio.run(main)
+    assert refused == [
+        "input 1 (throw): argument angle must be a number, got 'up'",
+        "input 2 (throw): argument angle is missing",
+        "input 3 (throw): unexpected argument spin (it takes angle)",
+        "input 4 (drop): unexpected argument gently (it takes no arguments)",
+        "input 5 (throw): argument angle must be -1e+06 to 1e+06, got 2000000.0",
+    ]
+    assert bottles == 1  # only the good throw reached the world
+    assert status(config)["failovers"] == 0

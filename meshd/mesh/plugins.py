@@ -23,7 +23,7 @@ import cattrs
 
 from meshd.common.config import Config, ConfigError
 from meshd.common.wire import CONVERTER
-from meshd.plugin import EventHandler, Kind, Plugin, PluginError, System
+from meshd.plugin import Arg, EventHandler, Kind, Plugin, PluginError, System
 
 INPUT_PREFIX = "input:"
 """Player inputs travel as events named ``input:<action>``, sent by ``meshd.plugin.GATEWAY``."""
@@ -91,6 +91,8 @@ class PluginSet:
     kind_settings: dict[str, Any] = attrs.field(init=False)
     new_player: Plugin | None = attrs.field(init=False)
     """The plugin that creates player entities, if any."""
+    input_shapes: dict[str, dict[str, Arg]] = attrs.field(init=False)
+    """Per action, the arguments its handler declared with ``meshd.takes``."""
 
     def __attrs_post_init__(self) -> None:
         self.kinds, self.handlers, self.kind_settings = {}, {}, {}
@@ -114,6 +116,12 @@ class PluginSet:
         self.new_player = with_players[0] if with_players else None
         self.codecs = {name: KindCodec.for_kind(kind) for name, kind in self.kinds.items()}
         self.systems = {name: tuple(kind.systems) for name, kind in self.kinds.items()}
+        self.input_shapes = {
+            action: dict(handler.meshd_args)
+            for plugin in self.plugins
+            for action, handler in plugin.inputs.items()
+            if hasattr(handler, "meshd_args")
+        }
 
     def required_halo(self, dt: float) -> tuple[float, str | None]:
         """The smallest halo that covers every kind's reach, and the kind needing it."""

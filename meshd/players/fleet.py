@@ -233,6 +233,7 @@ class Gateways:
             rate=self.rate,
             world_size=self.world.size,
             actions=self.plugins.input_actions(),
+            shapes=self.plugins.input_shapes,
             players=self.plugins.new_player is not None,
             resume_key=self.resume_key,
             tick=self.replication.tick,

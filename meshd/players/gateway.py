@@ -87,7 +87,7 @@ from meshd.players.protocol import (
     encode_frame,
 )
 from meshd.players.views import Mirror
-from meshd.plugin import JOIN, LEAVE
+from meshd.plugin import JOIN, LEAVE, check_input
 
 SEND_BUFFER = 256 << 10
 RECEIVE_PER_TICK = 64 << 10
@@ -312,17 +312,10 @@ class Gateway:
                     return
                 client.tokens -= 1
                 if isinstance(message, Input):
-                    if message.action not in self.actions:
-                        client.offer(
-                            encode_frame(
-                                Error(
-                                    "bad_input",
-                                    f"input {message.seq}: no action {message.action!r}",
-                                )
-                            )
-                        )
+                    args = self._checked_args(client, message)
+                    if args is None:
                         continue
-                    self.inputs.append([client.entity, message.action, message.args, message.seq])
+                    self.inputs.append([client.entity, message.action, args, message.seq])
                     last_seq = message.seq or last_seq
                 elif isinstance(message, Ping):
                     client.offer(encode_frame(Pong(message.id, self.mirror.tick)))
@@ -337,6 +330,22 @@ class Gateway:
             if last_seq:
                 # Acknowledged by the view of the tick that takes this batch.
                 client.acks.append((self.batch + 1, last_seq))
+
+    def _checked_args(self, client: Client, message: Input) -> dict[str, Any] | None:
+        """The input's arguments as its handler takes them; None (the client told) if refused."""
+        problem = None
+        if message.action not in self.actions:
+            problem = f"input {message.seq}: no action {message.action!r}"
+        else:
+            shape = self.init.shapes.get(message.action)
+            if shape is None:
+                return message.args
+            try:
+                return check_input(shape, message.args)
+            except ValueError as exc:
+                problem = f"input {message.seq} ({message.action}): {exc}"
+        client.offer(encode_frame(Error("bad_input", problem)))
+        return None
 
     def _send_views(self, taken: int) -> None:
         """Every present player's view update of the mirror's tick."""

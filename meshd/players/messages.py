@@ -26,6 +26,7 @@ import attrs
 
 from meshd.common.config import GatewayConfig
 from meshd.common.wire import Bulk
+from meshd.plugin import Arg
 
 
 @attrs.define
@@ -38,6 +39,8 @@ class GatewayInit:
     world_size: float
     actions: list[str]
     """Actions a player may send (``Input.action``), the plugins' input handlers."""
+    shapes: dict[str, dict[str, Arg]]
+    """Per action, its declared arguments (``meshd.takes``): checked here, not in the world."""
     players: bool
     """Whether a plugin makes player entities (a login is refused otherwise)."""
     resume_key: bytes

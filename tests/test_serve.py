@@ -16,6 +16,7 @@ from pathlib import Path
 import cbor2
 import pytest
 from conftest import (
+    REPO,
     SPACE,
     TAVERN,
     meshd,
@@ -396,3 +397,33 @@ def test_each_benchmark_is_a_subcommand_with_only_its_own_options() -> None:
     assert "--bots" in options["players"] and "--day-ticks" not in options["players"]
     refused = meshd("bench", "sim", "--day-ticks", "5", check=False)
     assert refused.returncode == 2 and "No such option" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("mistake", "what"),
+    [
+        ("clock", "time.time()"),
+        ("in_place", "the previous walker.trail changed in place"),
+    ],
+)
+def test_strict_mode_logs_plugin_code_that_breaks_determinism_once(
+    tmp_path: Path, mistake: str, what: str
+) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "world": {"size": 60.0, "halo": 6.0},
+            "plugins": {
+                "load": ["sloppy"],
+                "dirs": [str(REPO / "tests" / "fixtures" / "plugins")],
+                "sloppy": {"mistake": mistake},
+            },
+        },
+    )
+    strict = meshd("serve", "--config", str(config), "--strict", "--rate", "0", "--ticks", "20")
+    logged = [json.loads(line) for line in strict.stderr.splitlines() if "determinism" in line]
+    assert len(logged) == 1, logged  # noticed on every tick, logged once
+    assert logged[0]["what"].startswith(what)
+    assert logged[0]["where"].startswith("sloppy.py:")
+    relaxed = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "5")
+    assert "determinism" not in relaxed.stderr

@@ -84,6 +84,9 @@ class MeshConfig:
     """Metres; 0 = four halos (or world.size / 64 if larger)."""
     dwell: float = 2.0
     cooldown: float = 3.0
+    strict: bool = False
+    """Workers note plugin code that reads the clock or the global random, or changes a
+    previous state in place, and the core logs each place once (costs a few us a call)."""
 
 
 @attrs.frozen

@@ -355,6 +355,15 @@ def _log_failures(core: Core, tick: int, report: CommitReport) -> None:
                 error=text,
                 worker=worker,
             )
+    for what, where in report.hazards:
+        if core.plugin_errors.first(("hazard", what, where)):
+            core.log.warning(
+                "plugin code that breaks determinism (mesh.strict; logged once per place; "
+                "meshd check shows what it changes)",
+                tick=tick,
+                what=what,
+                where=where,
+            )
 
 
 async def _replan(core: Core) -> None:

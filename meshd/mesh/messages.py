@@ -51,6 +51,8 @@ class Init:
     plugins: list[str]
     plugin_dirs: list[str]
     settings: dict[str, dict[str, Any]]
+    strict: bool = False
+    """Run the plugins under :mod:`meshd.mesh.guards` (``mesh.strict``)."""
 
 
 @attrs.define
@@ -143,6 +145,8 @@ class Reply:
     dirty: Bulk = attrs.field(factory=list)
     errors: Bulk = attrs.field(factory=list)
     input_errors: Bulk = attrs.field(factory=list)
+    hazards: Bulk = attrs.field(factory=list)
+    """Strict mode: ``[what, where, count]`` the guards noted since the last reply."""
     counts: dict[str, int] = attrs.field(factory=dict)
     cost_ms: dict[str, float] = attrs.field(factory=dict)
     cpu_ms: float = 0.0

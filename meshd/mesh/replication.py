@@ -73,6 +73,8 @@ class CommitReport:
     input_errors: list[tuple[int, int, str, str]] = attrs.field(factory=list)
     """(entity, input event seq, where, error) of player inputs that failed."""
     quarantined: list[int] = attrs.field(factory=list)
+    hazards: list[tuple[str, str]] = attrs.field(factory=list)
+    """Strict mode: (what, where) the workers' guards noted this tick."""
     dropped_events: int = 0
     handoffs: int = 0
     spawned: int = 0
@@ -196,6 +198,7 @@ class Replication:
                 self._forget_failed_inputs(reply)
                 report.input_errors.extend(map(tuple, reply.input_errors))
             spawns.extend(reply.spawns)
+            report.hazards.extend((what, where) for what, where, _count in reply.hazards)
             for event in reply.events:
                 if len(event) == 5:
                     events.append(event)

@@ -14,6 +14,7 @@ its core, even one killed with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from meshd.common.links import receive_frame_blocking
 from meshd.common.wire import CONVERTER, FrameDecoder, decode_message, encode_message, frame
+from meshd.mesh.guards import Findings, guard_state, watch_ambient
 from meshd.mesh.messages import Assign, Fatal, Hello, Init, Ready, Restore, Step
 from meshd.mesh.plugins import PluginError, load_plugins
 from meshd.mesh.step import WorkerSim, collect_between_ticks
@@ -56,6 +58,9 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
         print(f"meshd worker {worker}: core refused: {init.message}", file=sys.stderr)
         return 1
     assert isinstance(init, Init)
+    findings, guards = Findings(), contextlib.ExitStack()
+    if init.strict:  # for the worker's life; before the plugins bind what they import
+        guards.enter_context(watch_ambient(findings))
     try:
         plugins = load_plugins(
             init.plugins, [Path(d) for d in init.plugin_dirs], init.settings, CONVERTER
@@ -63,6 +68,9 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
     except PluginError as exc:
         send(frame(encode_message(Fatal(str(exc)))))
         return 1
+    if init.strict:
+        guard_state(plugins, findings)
+    reported = Findings()
     send(frame(encode_message(Ready(worker=worker))))
     assign = _receive(sock, decoder, (Assign,))  # a warm spare waits here
     if isinstance(assign, Fatal):
@@ -85,6 +93,9 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
             # what gets here is meshd's own fault, and the core must hear why.
             send(frame(encode_message(Fatal(f"tick {message.tick} failed: {exc!r}"))))
             raise
+        if findings != reported:
+            reply.hazards = [[*key, n] for key, n in (findings - reported).items()]
+            reported = findings.copy()
         send(frame(encode_message(reply)))
         # While the core commits this tick, we are idle: collect now.
         collect_between_ticks(message.tick)

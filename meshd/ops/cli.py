@@ -108,6 +108,14 @@ def serve_command(
             help='Player gateway HOST:PORT ("" = none) [default: 127.0.0.1:7777].',
         ),
     ] = None,
+    strict: Annotated[
+        bool | None,
+        typer.Option(
+            "--strict/--no-strict",
+            help="Log plugin code that reads the clock or the global random, or changes "
+            "a previous state in place (mesh.strict).",
+        ),
+    ] = None,
 ) -> None:
     """Run the world: a core process and its worker processes."""
     cfg = _config(
@@ -120,6 +128,7 @@ def serve_command(
             "world.seed": seed,
             "log.json": log_json,
             "gateway.listen": listen,
+            "mesh.strict": strict,
         },
     )
     configure(json=cfg.log.json, level=cfg.log.level)

@@ -224,6 +224,7 @@ async def serve(
                 plugins=list(config.plugins.load),
                 plugin_dirs=[str(d) for d in config.plugin_dirs],
                 settings=config.plugins.settings,
+                strict=config.mesh.strict,
             ),
             max_restarts=config.supervise.max_restarts,
             restart_window=config.supervise.restart_window,

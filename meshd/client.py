@@ -49,6 +49,7 @@ from meshd.players.protocol import (
     Error,
     Input,
     Login,
+    Message,
     Ping,
     Pong,
     View,
@@ -134,6 +135,8 @@ class Player:
         self._pings: dict[int, float] = {}
         self.rtts: list[float] = []
         """Round-trip times of answered pings, in milliseconds."""
+        self.messages: list[Message] = []
+        """What the game's rules sent this player (``Message``), oldest first, as they arrive."""
         self.bad_inputs: list[str] = []
         """The server's messages about inputs it refused or that failed (``bad_input``):
         each was ignored or undone, and the connection stays."""
@@ -213,6 +216,9 @@ class Player:
                 sent = self._pings.pop(message.id, None)
                 if sent is not None:
                     self.rtts.append((time.perf_counter() - sent) * 1000.0)
+                continue
+            if isinstance(message, Message):
+                self.messages.append(message)
                 continue
             if isinstance(message, View):
                 self._apply(message)

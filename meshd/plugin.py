@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
+import cbor2
 
 from meshd.common.wire import check_wire_value
 
@@ -309,6 +310,8 @@ class ReachError(Exception):
 
 
 _MASK64 = (1 << 64) - 1
+MAX_MESSAGE = 4096
+"""Bytes a message to players (``Context.tell``/``announce``) may take, encoded."""
 MAX_AFTER = 1 << 31
 """The farthest a timer (``Context.send(..., after=...)``) may reach, in ticks."""
 
@@ -373,6 +376,8 @@ class Context:
         """This entity's plugin's settings (its ``Plugin.settings`` class, ``[plugins.NAME]``)."""
         self.events: list[list[Any]] = []
         self.spawns: list[list[Any]] = []
+        self.messages: list[list[Any]] = []
+        """For players: ``[sender, seq, player or 0, x, y, radius or -1, data]``."""
         self.despawned: set[int] = set()
         self._plugins = plugins
         self._seed = world.seed
@@ -476,6 +481,45 @@ class Context:
         if after > 1:
             event.append(self.tick + after)
         self.events.append(event)
+        self._sent += 1
+
+    def tell(self, player: int, data: Any) -> None:
+        """Send ``data`` to the player whose entity is ``player``, once this tick commits.
+
+        ``data``: plain values (as in a state), at most ``MAX_MESSAGE`` bytes
+        encoded. It reaches the player's client as a ``Message`` (not stored;
+        a player who is not connected misses it).
+        """
+        self._message(int(player), 0.0, 0.0, -1.0, data)
+
+    def announce(
+        self,
+        data: Any,
+        *,
+        radius: float | None = None,
+        x: float | None = None,
+        y: float | None = None,
+    ) -> None:
+        """Send ``data`` to every connected player, or to those whose entity is within
+        ``radius`` of (``x``, ``y``) (default: this entity's position), once this tick commits."""
+        me = self._me
+        assert me is not None
+        if radius is not None and not (math.isfinite(radius) and radius >= 0):
+            raise ValueError(f"radius must be a finite number >= 0, got {radius}")
+        cx = me.x if x is None else float(x)
+        cy = me.y if y is None else float(y)
+        if not (math.isfinite(cx) and math.isfinite(cy)):
+            raise ValueError(f"({cx}, {cy}) is not a finite point")
+        self._message(0, cx, cy, -1.0 if radius is None else float(radius), data)
+
+    def _message(self, player: int, x: float, y: float, radius: float, data: Any) -> None:
+        me = self._me
+        assert me is not None
+        check_wire_value(data)
+        size = len(cbor2.dumps(data))
+        if size > MAX_MESSAGE:
+            raise ValueError(f"a message is at most {MAX_MESSAGE} bytes encoded, this is {size}")
+        self.messages.append([me.id, self._sent, player, x, y, radius, data])
         self._sent += 1
 
     def spawn(self, kind: str, x: float, y: float, z: float = 0.0, state: Any = None) -> None:

@@ -50,7 +50,7 @@ from meshd.plugin import (
     check_input,
 )
 
-__all__ = ["Failure", "World", "assert_deterministic"]
+__all__ = ["Failure", "PlayerMessage", "World", "assert_deterministic"]
 
 
 @attrs.frozen
@@ -64,6 +64,21 @@ class Failure:
     error: str
     input: bool
     """True for a player input (undone alone), False for the entity's whole tick."""
+
+
+@attrs.frozen
+class PlayerMessage:
+    """A message the rules sent to players (``Context.tell``/``announce``) at ``tick``."""
+
+    tick: int
+    sender: int
+    player: int | None
+    """The one player told (None: an announcement)."""
+    x: float
+    y: float
+    radius: float | None
+    """An announcement to those within ``radius`` of (x, y); None: to everyone."""
+    data: Any
 
 
 class World:
@@ -101,6 +116,8 @@ class World:
         self._seq = 0
         self.failures: list[Failure] = []
         """Everything that raised so far, oldest first."""
+        self.messages: list[PlayerMessage] = []
+        """What the rules sent to players so far, oldest first (in the order clients get it)."""
 
     @property
     def tick(self) -> int:
@@ -162,6 +179,12 @@ class World:
             self.failures += [
                 Failure(self.tick, entity, where, error, True)
                 for entity, _seq, where, error in report.input_errors
+            ]
+            self.messages += [
+                PlayerMessage(
+                    self.tick, sender, player or None, x, y, None if radius < 0 else radius, data
+                )
+                for sender, _seq, player, x, y, radius, data in report.messages
             ]
 
     def entity(self, entity_id: int) -> View | None:

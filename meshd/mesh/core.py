@@ -68,6 +68,9 @@ class Players(Protocol):
     def inputs_failed(self, failures: list[tuple[int, int, str, str]]) -> None:
         """The inputs of the tick just committed that failed in the plugin."""
 
+    def deliver(self, messages: list[list[Any]]) -> None:
+        """The plugins' messages for players of the tick just committed (``Context.tell``)."""
+
     def after_tick(self, tick: int) -> None:
         """``tick`` is committed: where to watch next, whether a view is due."""
 
@@ -239,6 +242,7 @@ async def tick_loop(
             _log_failures(core, tick, report)
             if core.gateway is not None:
                 core.gateway.inputs_failed(report.input_errors)
+                core.gateway.deliver(report.messages)
                 core.gateway.after_tick(tick)
             for failover in reversed(core.failover_log):
                 if failover.committed_at is not None:

@@ -145,6 +145,9 @@ class Reply:
     dirty: Bulk = attrs.field(factory=list)
     errors: Bulk = attrs.field(factory=list)
     input_errors: Bulk = attrs.field(factory=list)
+    messages: Bulk = attrs.field(factory=list)
+    """For players (``Context.tell``, ``announce``): ``[sender, seq, player, x, y, radius,
+    data]``."""
     hazards: Bulk = attrs.field(factory=list)
     """Strict mode: ``[what, where, count]`` the guards noted since the last reply."""
     counts: dict[str, int] = attrs.field(factory=dict)

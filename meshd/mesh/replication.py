@@ -73,6 +73,8 @@ class CommitReport:
     input_errors: list[tuple[int, int, str, str]] = attrs.field(factory=list)
     """(entity, input event seq, where, error) of player inputs that failed."""
     quarantined: list[int] = attrs.field(factory=list)
+    messages: list[list[Any]] = attrs.field(factory=list)
+    """For players, by sender then sequence: ``[sender, seq, player, x, y, radius, data]``."""
     hazards: list[tuple[str, str]] = attrs.field(factory=list)
     """Strict mode: (what, where) the workers' guards noted this tick."""
     dropped_events: int = 0
@@ -199,6 +201,7 @@ class Replication:
                 report.input_errors.extend(map(tuple, reply.input_errors))
             spawns.extend(reply.spawns)
             report.hazards.extend((what, where) for what, where, _count in reply.hazards)
+            report.messages.extend(reply.messages)
             for event in reply.events:
                 if len(event) == 5:
                     events.append(event)
@@ -212,6 +215,7 @@ class Replication:
             self.cost_ms.update(reply.cost_ms)
             self.worker_cpu_ms[reply.worker] = reply.cpu_ms
         spawns.sort(key=lambda spawn: (spawn[0], spawn[1]))
+        report.messages.sort(key=lambda message: (message[0], message[1]))
         for _parent, _seq, kind, x, y, z, state in spawns:
             record = [self.next_id, kind, x, y, z, state]
             self.next_id += 1

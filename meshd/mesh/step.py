@@ -130,7 +130,7 @@ def run_entity(
     seq, where, error]``; it is the input's failure, not the entity's.
     """
     ctx.begin(entity, prev)
-    marks = len(ctx.events), len(ctx.spawns)
+    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages)
     try:
         for index, event in enumerate(inbox):
             if index < len(input_seqs):
@@ -146,6 +146,7 @@ def run_entity(
         entity.x, entity.y, entity.z, entity.state = prev.x, prev.y, prev.z, prev.state
         del ctx.events[marks[0] :]
         del ctx.spawns[marks[1] :]
+        del ctx.messages[marks[2] :]
         ctx.despawned.discard(entity.id)
         return describe_failure(exc)
     return None
@@ -162,7 +163,7 @@ def _run_input(
 ) -> list[str] | None:
     """One player input on its own; undone entirely if it fails (``[where, error]``)."""
     before = entity.x, entity.y, entity.z, entity.state
-    marks = len(ctx.events), len(ctx.spawns)
+    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages)
     despawned = entity.id in ctx.despawned
     saved = ctx.save()
     try:
@@ -172,6 +173,7 @@ def _run_input(
         entity.x, entity.y, entity.z, entity.state = before
         del ctx.events[marks[0] :]
         del ctx.spawns[marks[1] :]
+        del ctx.messages[marks[2] :]
         if not despawned:
             ctx.despawned.discard(entity.id)
         ctx.restore(saved)
@@ -494,6 +496,7 @@ class WorkerSim:
             dirty.clear()
         reply.spawns = ctx.spawns
         reply.events = ctx.events
+        reply.messages = ctx.messages
         reply.counts = {leaf: len(members) for leaf, members in self.members.items()}
         reply.cpu_ms = (time.process_time() - started_cpu) * 1000.0
         return reply

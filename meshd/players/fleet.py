@@ -91,6 +91,8 @@ class GatewayLink:
     published_batch: int = 0
     """The last batch taken by the last committed tick: its views acknowledge it."""
     failed: list[list[Any]] = attrs.field(factory=list)
+    messages: list[list[Any]] = attrs.field(factory=list)
+    """Plugins' messages for its players, for the next ``Publish``."""
     unanswered: int = 0
     """``Publish`` messages sent and not yet answered by ``Inputs``."""
     stats: dict[str, Any] = attrs.field(factory=dict)
@@ -498,6 +500,20 @@ class Gateways:
                     error=text,
                 )
 
+    def deliver(self, messages: list[list[Any]]) -> None:
+        """Each message to the gateways that may have its players: a ``tell`` to its
+        player's gateway only, an ``announce`` to every gateway (it picks who is near)."""
+        for sender, _seq, player, x, y, radius, data in messages:
+            item = [sender, player, x, y, radius, data]
+            if player:
+                where = self.players.get(player)
+                link = None if where is None else self.links.get(where[0])
+                if link is not None:
+                    link.messages.append(item)
+            else:
+                for link in self.links.values():
+                    link.messages.append(item)
+
     def after_tick(self, tick: int) -> None:
         """Watch the cells around players (from the next step on); a view update is due."""
         repl = self.replication
@@ -541,6 +557,7 @@ class Gateways:
                 slot, self._tick, records, watched
             )
             failed, link.failed = link.failed, []
+            messages, link.messages = link.messages, []
             link.publish(
                 Publish(
                     tick=self._tick,
@@ -550,6 +567,7 @@ class Gateways:
                     states=states,
                     gone=gone,
                     failed=failed,
+                    messages=messages,
                     view=due,
                 )
             )

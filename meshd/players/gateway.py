@@ -43,6 +43,7 @@ from collections import deque
 from typing import Any
 
 import attrs
+import numpy as np
 import trio
 
 from meshd.common.links import receive_frame
@@ -79,6 +80,7 @@ from meshd.players.protocol import (
     Input,
     InputRefused,
     Login,
+    Message,
     Ping,
     Pong,
     Refused,
@@ -265,6 +267,8 @@ class Gateway:
         self._send_core(Inputs(self.batch, batch, stats))
         if publish.view:
             self._send_views(publish.batch)
+        if publish.messages:
+            self._deliver(publish.tick, publish.messages)
         # This tick's garbage, now that its views are out (automatic collection is off).
         collect_between_ticks(publish.tick)
 
@@ -365,6 +369,27 @@ class Gateway:
         )
         for client, view in zip(present, frames, strict=True):
             client.offer(view)
+
+    def _deliver(self, tick: int, messages: list[list[Any]]) -> None:
+        """The plugins' messages of ``tick``: to one player, to everyone, or to those near."""
+        clients = [client for client in self.clients.values() if not client.closed]
+        entities = np.array([client.entity for client in clients], dtype=np.int64)
+        mirror = self.mirror
+        rows = np.searchsorted(mirror.ids, entities).clip(max=max(len(mirror.ids) - 1, 0))
+        held = (mirror.ids[rows] == entities) if len(mirror.ids) else np.zeros(0, dtype=bool)
+        positions = mirror.positions[rows, :2] if len(mirror.ids) else np.zeros((0, 2))
+        for sender, player, x, y, radius, data in messages:
+            framed = encode_frame(Message(tick, sender, data))
+            if player:
+                client = self.clients.get(player)
+                if client is not None:
+                    client.offer(framed)
+                continue
+            chosen = held.copy() if radius >= 0 else np.ones(len(clients), dtype=bool)
+            if radius >= 0:
+                chosen &= np.hypot(positions[:, 0] - x, positions[:, 1] - y) <= radius
+            for index in np.flatnonzero(chosen).tolist():
+                clients[index].offer(framed)
 
     def _stats(self) -> dict[str, Any]:
         return {

@@ -154,6 +154,9 @@ class Publish:
     states: Bulk
     gone: bytes
     failed: Bulk = attrs.field(factory=list)
+    messages: Bulk = attrs.field(factory=list)
+    """The plugins' messages for its players: ``[sender, player, x, y, radius, data]``
+    (player 0: an announcement, to everyone if radius < 0, else to those within it)."""
     view: bool = True
     """Whether a view update is due (``gateway.view_every``)."""
 

@@ -145,7 +145,20 @@ class Error:
     message: str
 
 
-SERVER_MESSAGES = (Welcome, View, Pong, Error)
+@attrs.define
+class Message:
+    """From the game's rules to this player (``Context.tell``, ``Context.announce``).
+
+    ``sender``: the entity whose rules sent it; ``data``: plain values, as
+    the plugin made them. Sent after the ``View`` of ``tick``.
+    """
+
+    tick: int
+    sender: int
+    data: Any
+
+
+SERVER_MESSAGES = (Welcome, View, Pong, Error, Message)
 
 
 _INPUT_KEYS = ({"type", "seq", "action", "args"}, {"type", "seq", "action"})

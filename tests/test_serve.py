@@ -427,3 +427,34 @@ def test_strict_mode_logs_plugin_code_that_breaks_determinism_once(
     assert logged[0]["where"].startswith("sloppy.py:")
     relaxed = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "5")
     assert "determinism" not in relaxed.stderr
+
+
+def test_a_fixed_plugin_heals_its_quarantined_entities_at_restart(tmp_path: Path) -> None:
+    """Issue: entities quarantined by a bug stayed frozen after the fix and a restart."""
+    plugin = tmp_path / "buggy.py"
+    buggy = REPEATING.replace('"repeating"', '"buggy"')
+    plugin.write_text(buggy)
+    config = write_config(
+        tmp_path,
+        {
+            "world": {"size": 100.0},
+            "supervise": {"quarantine_after": 3},
+            "plugins": {"load": ["buggy"], "dirs": [str(tmp_path)]},
+        },
+    )
+
+    def quarantined() -> list[int]:
+        store = Store(tmp_path / "data" / DB_NAME, readonly=True)
+        try:
+            return store.meta()["quarantined"]
+        finally:
+            store.close()
+
+    meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "10")
+    assert quarantined() == [2, 3]
+    same = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "2")
+    assert "entities stay quarantined" in same.stderr and quarantined() == [2, 3]
+    plugin.write_text(buggy.replace("        helper(me)\n", "        pass  # fixed\n"))
+    fixed = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "10")
+    assert "they run again" in fixed.stderr
+    assert quarantined() == [3]  # 2 is healed; 3 still moves too fast, so is caught again

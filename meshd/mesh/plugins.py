@@ -9,7 +9,10 @@ and one handler per event name, so a tick is plain function calls.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import inspect
 import math
 import operator
 import sys
@@ -144,6 +147,36 @@ class PluginSet:
         """Every player input action some plugin handles, sorted."""
         prefix = len(INPUT_PREFIX)
         return sorted(event[prefix:] for event in self.handlers if event.startswith(INPUT_PREFIX))
+
+    def code_digest(self) -> str:
+        """SHA-256 of the source files of the plugins' functions (systems, handlers, hooks,
+        migrations): changes when their code does."""
+        functions = [
+            plugin_function
+            for plugin in self.plugins
+            for plugin_function in (
+                *(system for kind in plugin.kinds.values() for system in kind.systems),
+                *(kind.migrate for kind in plugin.kinds.values()),
+                *plugin.events.values(),
+                *plugin.inputs.values(),
+                plugin.create_world,
+                plugin.new_player,
+            )
+            if plugin_function is not None
+        ]
+        files = sorted(
+            {
+                code.co_filename
+                for function in functions
+                if (code := getattr(inspect.unwrap(function), "__code__", None)) is not None
+            }
+        )
+        digest = hashlib.sha256()
+        for name in files:
+            digest.update(name.encode())
+            with contextlib.suppress(OSError):
+                digest.update(Path(name).read_bytes())
+        return digest.hexdigest()
 
     def schema(self) -> dict[str, tuple[str, ...]]:
         return {name: codec.fields for name, codec in self.codecs.items()}

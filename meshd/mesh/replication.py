@@ -111,6 +111,8 @@ class Replication:
         """Events for a later tick than the next: ``[due tick, target, sender, seq, name,
         data]``, the seq made unique and earliest-sent first when sent (:meth:`commit`)."""
         self.dirty: set[int] = set()
+        self.code = plugins.code_digest()
+        """The plugins' code digest, written with each delta."""
         self.deleted: set[int] = set()
         self.counts: dict[str, int] = {}
         self.cost_ms: dict[str, float] = {}
@@ -534,6 +536,7 @@ class Replication:
             deletes=sorted(self.deleted),
             quarantined=sorted(self.quarantined),
             timers=sorted(self.timers),
+            code=self.code,
         )
         self.dirty = set()
         self.deleted = set()

@@ -17,7 +17,7 @@ from matplotlib.patches import Rectangle
 
 
 def draw_map(view: Mapping[str, Any], path: Path) -> None:
-    """Partitions as squares coloured by worker, entities as black dots."""
+    """Partitions as squares coloured by worker; entities as dots, a colour per kind."""
     size = view["size"]
     palette = plt.get_cmap("tab10")
     figure, axes = plt.subplots(figsize=(8, 8), dpi=100)
@@ -28,15 +28,24 @@ def draw_map(view: Mapping[str, Any], path: Path) -> None:
         axes.add_patch(
             Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, alpha=0.35, edgecolor="0.3")
         )
-    if view["entities"]:
-        xs, ys, _kinds = zip(*view["entities"], strict=True)
-        axes.scatter(xs, ys, s=1.5, c="black", linewidths=0)
-    axes.legend(
+    by_kind: dict[str, list[tuple[float, float]]] = {}
+    for x, y, kind in view["entities"]:
+        by_kind.setdefault(kind, []).append((x, y))
+    kinds_palette = plt.get_cmap("Dark2")
+    dots = []
+    for index, (kind, points) in enumerate(sorted(by_kind.items())):
+        xs, ys = zip(*points, strict=True)
+        colour = kinds_palette(index % 8)
+        dots.append(axes.scatter(xs, ys, s=3, color=colour, linewidths=0, label=kind))
+    workers_legend = axes.legend(
         [Rectangle((0, 0), 1, 1, color=palette(i % 10), alpha=0.5) for i in range(len(workers))],
         [f"worker {w}" for w in workers],
         loc="upper right",
         fontsize="small",
     )
+    if dots:
+        axes.add_artist(workers_legend)  # a second legend replaces the first unless kept
+        axes.legend(handles=dots, loc="upper left", fontsize="small", markerscale=3)
     axes.set_xlim(0, size)
     axes.set_ylim(0, size)
     axes.set_aspect("equal")

@@ -137,6 +137,24 @@ def load_or_create(
     return WorldSnapshot(0, world.seed, len(records) + 1, records, []), True
 
 
+def _heal_or_warn(snapshot: WorldSnapshot, plugins: PluginSet) -> None:
+    """Quarantined entities run again if the plugins' code changed since (a fix and a restart
+    heal them); otherwise they stay frozen, and the log says how to release them."""
+    log = get_logger(component="core")
+    if snapshot.code and snapshot.code != plugins.code_digest():
+        log.info(
+            "the plugins' code changed since entities were quarantined: they run again",
+            entities=snapshot.quarantined,
+        )
+        snapshot.quarantined = []
+    else:
+        log.warning(
+            "entities stay quarantined (the plugins' code is the same): fix the plugin and "
+            "restart, or `meshd release --all`",
+            entities=snapshot.quarantined,
+        )
+
+
 def _migrated_delta(snapshot: WorldSnapshot) -> Delta:
     """The entities a kind's ``migrate`` changed on loading, rewritten at the loaded tick."""
     migrated = set(snapshot.migrated)
@@ -148,6 +166,8 @@ def _migrated_delta(snapshot: WorldSnapshot) -> Delta:
         upserts=[record for record in snapshot.records if record[0] in migrated],
         deletes=[],
         quarantined=snapshot.quarantined,
+        timers=snapshot.timers,
+        code=snapshot.code,
     )
 
 
@@ -192,6 +212,8 @@ async def serve(
             log.info("created a new world", entities=len(snapshot.records), seed=world.seed)
         else:
             log.info("loaded world", tick=snapshot.tick, entities=len(snapshot.records))
+        if snapshot.quarantined:
+            _heal_or_warn(snapshot, plugins)
         if snapshot.migrated:
             # Stored in the new form at once, so the migration never has to run again.
             store.write(_migrated_delta(snapshot), plugins.schema())

@@ -36,6 +36,8 @@ class WorldSnapshot:
     quarantined: list[int] = attrs.field(factory=list)
     timers: list[list[Any]] = attrs.field(factory=list)
     """Events sent for a later tick: ``[due tick, target, sender, seq, name, data]``."""
+    code: str = ""
+    """The plugins' code digest when the world was last written ("" before meshd kept it)."""
     migrated: list[int] = attrs.field(factory=list)
     """Entities whose stored state went through their kind's ``migrate`` on loading."""
 
@@ -52,6 +54,8 @@ class Delta:
     deletes: list[int]
     quarantined: list[int] = attrs.field(factory=list)
     timers: list[list[Any]] = attrs.field(factory=list)
+    code: str = ""
+    """The plugins' code digest (``PluginSet.code_digest``)."""
     players: list[tuple[str, int]] = attrs.field(factory=list)
     """Players' new entities: (name, entity id); their accounts are already stored."""
 

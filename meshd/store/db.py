@@ -115,6 +115,7 @@ class Store:
             meta["events"],
             meta["quarantined"],
             meta.get("timers", []),  # none before timers existed
+            meta.get("code", ""),
             migrated,
         )
 
@@ -142,6 +143,7 @@ class Store:
             "events": delta.events,
             "quarantined": delta.quarantined,
             "timers": delta.timers,
+            "code": delta.code,
         }
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO entity VALUES (?, ?, ?, ?, ?, ?)", rows)

@@ -302,18 +302,24 @@ def test_a_recurring_plugin_error_is_logged_once_with_its_place(tmp_path: Path) 
     assert logged[1]["where"] is None and "max_speed" in logged[1]["error"]
 
 
-def test_a_removed_state_field_names_the_kind_the_field_and_the_way_out(tmp_path: Path) -> None:
-    plugin = tmp_path / "piles.py"
+def _piles_world(folder: Path) -> tuple[Path, Path]:
+    """A world of walkers with ``steps`` and ``weight``, two ticks old: (plugin, config)."""
+    plugin = folder / "piles.py"
     plugin.write_text(
         REPEATING.replace('"repeating"', '"piles"').replace(
             "steps: int = 0", "steps: int = 0\n    weight: float = 1.0"
         )
     )
     config = write_config(
-        tmp_path,
-        {"world": {"size": 100.0}, "plugins": {"load": ["piles"], "dirs": [str(tmp_path)]}},
+        folder,
+        {"world": {"size": 100.0}, "plugins": {"load": ["piles"], "dirs": [str(folder)]}},
     )
     meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "2")
+    return plugin, config
+
+
+def test_a_removed_state_field_names_the_kind_the_field_and_the_way_out(tmp_path: Path) -> None:
+    plugin, config = _piles_world(tmp_path)
     plugin.write_text(plugin.read_text().replace("\n    weight: float = 1.0", ""))
     result = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
     assert result.returncode == 1
@@ -327,17 +333,7 @@ def test_a_removed_state_field_names_the_kind_the_field_and_the_way_out(tmp_path
 def test_a_declared_migration_loads_an_old_world_and_stores_it_in_the_new_form(
     tmp_path: Path,
 ) -> None:
-    plugin = tmp_path / "piles.py"
-    plugin.write_text(
-        REPEATING.replace('"repeating"', '"piles"').replace(
-            "steps: int = 0", "steps: int = 0\n    weight: float = 1.0"
-        )
-    )
-    config = write_config(
-        tmp_path,
-        {"world": {"size": 100.0}, "plugins": {"load": ["piles"], "dirs": [str(tmp_path)]}},
-    )
-    meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "2")
+    plugin, config = _piles_world(tmp_path)
     # weight is dropped, steps renamed paces (a string now); a migration says how
     renamed = (
         plugin.read_text()

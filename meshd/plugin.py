@@ -490,7 +490,9 @@ class Context:
         encoded. It reaches the player's client as a ``Message`` (not stored;
         a player who is not connected misses it).
         """
-        self._message(int(player), 0.0, 0.0, -1.0, data)
+        if type(player) is not int or player < 1:
+            raise ValueError(f"player must be a player's entity id, got {player!r}")
+        self._message(player, 0.0, 0.0, -1.0, data)
 
     def announce(
         self,

@@ -78,5 +78,9 @@ def test_a_message_is_bounded_and_withdrawn_with_its_failed_input() -> None:
     (message,) = world.messages
     assert (message.sender, message.player, message.radius) == (ann, None, 3.0)
     assert (message.x, message.y, message.data) == (10.0, 10.0, {"from": "ann", "said": "hello"})
+    world.send(ann, "whisper", {"to": 0, "text": "to nobody"})  # not everyone
+    world.step()
+    assert "player must be a player's entity id, got 0" in world.failures[-1].error
+    assert len(world.messages) == 1
     with pytest.raises(ValueError, match="argument earshot must be 0 to 100"):
         world.send(ann, "say", {"text": "hi", "earshot": 1000.0})

@@ -107,9 +107,11 @@ class Replication:
         self.outboxes: dict[int, Outbox] = {w: Outbox() for w in layout.workers}
         self.layout_pending: set[int] = set(layout.workers)
         self.pending_events: list[list[Any]] = []
-        self.timers: list[list[Any]] = [list(timer) for timer in snapshot.timers]
-        """Events for a later tick than the next: ``[due tick, target, sender, seq, name,
-        data]``, the seq made unique and earliest-sent first when sent (:meth:`commit`)."""
+        self.timers: dict[int, list[list[Any]]] = {}
+        """Events for a later tick than the next, by the tick they are due: ``[target, sender,
+        seq, name, data]``, the seq made unique and earliest-sent first (:meth:`commit`)."""
+        for due, *event in snapshot.timers:
+            self.timers.setdefault(due, []).append(event)
         self.dirty: set[int] = set()
         self.code = plugins.code_digest()
         """The plugins' code digest, written with each delta."""
@@ -212,7 +214,7 @@ class Replication:
                     # Delivered with others of its sender by seq: timers before this
                     # tick's events, the earliest sent first, each seq unique.
                     seq += (tick - due) * TIMER_SEQ
-                    self.timers.append([due, target, sender, seq, name, data])
+                    self.timers.setdefault(due, []).append([target, sender, seq, name, data])
             self.counts.update(reply.counts)
             self.cost_ms.update(reply.cost_ms)
             self.worker_cpu_ms[reply.worker] = reply.cpu_ms
@@ -224,10 +226,7 @@ class Replication:
             self._set_record(record)
             self._place(record)
         report.spawned = len(spawns)
-        due = [timer[1:] for timer in self.timers if timer[0] == tick + 1]
-        if due:
-            self.timers = [timer for timer in self.timers if timer[0] != tick + 1]
-        report.dropped_events = self._route_events(due + events)
+        report.dropped_events = self._route_events(self.timers.pop(tick + 1, []) + events)
         self.errors_total += len(report.errors)
         self._count_errors(report)
         self.tick = tick
@@ -535,12 +534,16 @@ class Replication:
             upserts=[self.records[i] for i in self.dirty],
             deletes=sorted(self.deleted),
             quarantined=sorted(self.quarantined),
-            timers=sorted(self.timers),
+            timers=self.stored_timers(),
             code=self.code,
         )
         self.dirty = set()
         self.deleted = set()
         return delta
+
+    def stored_timers(self) -> list[list[Any]]:
+        """The timers as stored: ``[due tick, target, sender, seq, name, data]``, sorted."""
+        return sorted([due, *event] for due, events in self.timers.items() for event in events)
 
     def rows(self) -> Iterator[Row]:
         schema = self.plugins.schema()
@@ -550,5 +553,5 @@ class Replication:
     def hash(self) -> str:
         """The world hash as of the last checkpoint (exact only at a checkpoint tick)."""
         return world_hash(
-            self.rows(), self.next_id, self.pending_events, self.quarantined, self.timers
+            self.rows(), self.next_id, self.pending_events, self.quarantined, self.stored_timers()
         )

@@ -125,6 +125,14 @@ class Plugin:
     settings: type | None = None
     new_player: PlayerHook | None = None
     """Called once per new player name: spawns that player's entity (exactly one)."""
+    world: type | None = None
+    """World-wide state of this plugin (team scores, weather, prices): a frozen attrs class
+    whose fields all have defaults (a new world starts from them). Systems read it as
+    ``ctx.world`` as of the previous tick and change it only through ``ctx.change_world``."""
+    world_events: Mapping[str, Callable[[Any, Any], Any]] = attrs.field(factory=dict)
+    """Per world event, ``reduce(world, data) -> world``: run by the core when a tick
+    commits, for every ``ctx.change_world`` of that tick in order of sender, then sequence.
+    One that raises (or returns something else than the world class) is skipped and logged."""
     inputs: Mapping[str, EventHandler] = attrs.field(factory=dict)
     """Input handlers by action, run on the player's entity at the next tick with the
     client's arguments as ``event.data``. A handler decorated with :func:`takes`
@@ -378,6 +386,10 @@ class Context:
         self.spawns: list[list[Any]] = []
         self.messages: list[list[Any]] = []
         """For players: ``[sender, seq, player or 0, x, y, radius or -1, data]``."""
+        self.world_events: list[list[Any]] = []
+        """``[sender, seq, plugin, event, data]`` for the core to reduce at commit."""
+        self.worlds: dict[str, Any] = {}
+        """Each plugin's world state as of the previous tick (set by the worker)."""
         self.despawned: set[int] = set()
         self._plugins = plugins
         self._seed = world.seed
@@ -481,6 +493,24 @@ class Context:
         if after > 1:
             event.append(self.tick + after)
         self.events.append(event)
+        self._sent += 1
+
+    @property
+    def world(self) -> Any:
+        """This entity's plugin's world state as of the previous tick (None if it has none)."""
+        assert self._me is not None
+        return self.worlds.get(self._plugins.kind_plugin[self._me.kind])
+
+    def change_world(self, event: str, data: Any = None) -> None:
+        """Ask for world event ``event`` of this entity's plugin: reduced when the tick
+        commits (every entity's, by sender then sequence), seen by all from the next tick."""
+        me = self._me
+        assert me is not None
+        plugin = self._plugins.kind_plugin[me.kind]
+        if (plugin, event) not in self._plugins.world_reducers:
+            raise KeyError(f"plugin {plugin!r} has no world event {event!r}")
+        check_wire_value(data)
+        self.world_events.append([me.id, self._sent, plugin, event, data])
         self._sent += 1
 
     def tell(self, player: int, data: Any) -> None:

@@ -186,6 +186,10 @@ class World:
                 )
                 for sender, _seq, player, x, y, radius, data in report.messages
             ]
+            self.failures += [
+                Failure(self.tick, sender, f"{event}: {where}", error, False)
+                for sender, event, where, error in report.world_errors
+            ]
 
     def entity(self, entity_id: int) -> View | None:
         """Entity ``entity_id`` as of the last tick (None if it does not exist)."""
@@ -201,9 +205,14 @@ class World:
             if kind is None or records[entity_id][1] == kind
         ]
 
+    def world_state(self, plugin: str) -> Any:
+        """``plugin``'s world state as of the last tick (its ``Plugin.world`` class)."""
+        codec = self.plugins.world_codecs[plugin]
+        return codec.from_wire(self._mesh.replication.world_state[plugin])
+
     def digest(self) -> str:
-        """A digest of every entity: equal digests, equal worlds."""
-        return records_digest(self._mesh.records())
+        """A digest of every entity and the world state: equal digests, equal worlds."""
+        return records_digest(self._mesh.records(), self._mesh.replication.world_fields())
 
     def _view(self, record: list[Any]) -> View:
         entity_id, kind, x, y, z, state = record

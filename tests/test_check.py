@@ -110,3 +110,9 @@ def test_a_plugin_that_fails_to_build_its_world_is_named(tmp_path: Path) -> None
     spec = attrs.evolve(_spec("none"), plugins=["broken"], dirs=[str(tmp_path)], settings={})
     with pytest.raises(CheckFailed, match=r"one worker.*RuntimeError: no map file"):
         check(spec, ticks=2)
+
+
+def test_world_state_is_the_same_every_way_and_survives_a_restart() -> None:
+    spec = attrs.evolve(_spec("none"), plugins=["teams"], settings={"teams": {"walkers": 30}})
+    report = check(spec, ticks=30)
+    assert report.same, format_report(report)

@@ -186,3 +186,26 @@ def test_a_timer_arrives_after_its_ticks_in_order_and_is_checked() -> None:
     assert first.state.rung == [[2, 3], [4, 2], [6, 1], [6, 9]]
     assert first.state.refused == f"0,1.5,True,{1 << 40}"
     assert world.entity(2) is None and world.failures == []
+
+
+def test_world_state_is_reduced_in_order_the_same_on_any_layout() -> None:
+    worlds = [World(["teams"], dirs=[SLOPPY], size=60.0, workers=workers) for workers in (1, 4)]
+    for world in worlds:
+        world.step(40)
+    # (each World loads the plugin file afresh: compare values, not instances of two classes)
+    one, four = (attrs.astuple(world.world_state("teams")) for world in worlds)
+    assert one == four and min(one) > 0  # red, blue and the last scorer
+    assert worlds[0].digest() == worlds[1].digest() and worlds[0].failures == []
+
+
+def test_a_failing_world_event_is_skipped_and_reported() -> None:
+    honest = World(["teams"], dirs=[SLOPPY], size=60.0)
+    sloppy = World(["teams"], dirs=[SLOPPY], size=60.0, settings={"teams": {"mistake": "green"}})
+    honest.step(1)
+    sloppy.step(1)
+    failed = [failure for failure in sloppy.failures if "no team 'green'" in failure.error]
+    assert failed and all(failure.where.startswith("teams.score: score (") for failure in failed)
+    assert all(failure.entity % 3 == 0 for failure in failed)  # only the green ones
+    # the tick's other events were applied: only the failed points are missing
+    points = [world.world_state("teams") for world in (sloppy, honest)]
+    assert points[0].red + points[0].blue < points[1].red + points[1].blue

@@ -454,3 +454,27 @@ def test_a_fixed_plugin_heals_its_quarantined_entities_at_restart(tmp_path: Path
     fixed = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "10")
     assert "they run again" in fixed.stderr
     assert quarantined() == [3]  # 2 is healed; 3 still moves too fast, so is caught again
+
+
+def test_world_state_is_stored_shown_and_a_failing_world_event_logged_once(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "world": {"size": 60.0, "halo": 6.0},
+            "plugins": {
+                "load": ["teams"],
+                "dirs": [str(REPO / "tests" / "fixtures" / "plugins")],
+                "teams": {"mistake": "green"},
+            },
+        },
+    )
+    served = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "20")
+    logged = [json.loads(line) for line in served.stderr.splitlines() if "world event" in line]
+    assert len(logged) == 1 and logged[0]["world_event"] == "teams.score"
+    assert logged[0]["error"] == "ValueError: no team 'green'"
+    first = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    scores = first["world_state"]["teams"]
+    assert scores["red"] > 0 and scores["blue"] > 0 and first["tick"] == 20
+    meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "5")
+    later = meshd_json("inspect", "world", "--config", str(config))["world_state"]["teams"]
+    assert later["red"] + later["blue"] > scores["red"] + scores["blue"]  # went on from there

@@ -359,6 +359,16 @@ def _log_failures(core: Core, tick: int, report: CommitReport) -> None:
                 error=text,
                 worker=worker,
             )
+    for sender, event, where, text in report.world_errors:
+        if core.plugin_errors.first(("world", event, *error_site(where, text))):
+            core.log.warning(
+                "world event failed and was skipped (logged once per place)",
+                tick=tick,
+                entity=sender,
+                world_event=event,
+                where=where or None,
+                error=text,
+            )
     for what, where in report.hazards:
         if core.plugin_errors.first(("hazard", what, where)):
             core.log.warning(

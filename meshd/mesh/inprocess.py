@@ -149,9 +149,14 @@ class InProcessMesh:
         return found
 
 
-def records_digest(records: dict[int, list[Any]]) -> str:
-    """SHA-256 of every entity's ``[id, kind, x, y, z, state]``, in id order."""
+def records_digest(
+    records: dict[int, list[Any]], world: dict[str, dict[str, Any]] | None = None
+) -> str:
+    """SHA-256 of every entity's ``[id, kind, x, y, z, state]``, in id order, and of the
+    plugins' world state (if any)."""
     digest = hashlib.sha256()
     for entity_id in sorted(records):
         digest.update(cbor2.dumps(records[entity_id], canonical=True))
+    if world:
+        digest.update(cbor2.dumps(world, canonical=True))
     return digest.hexdigest()

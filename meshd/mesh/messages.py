@@ -97,6 +97,8 @@ class Step:
     freeze: Bulk = attrs.field(factory=list)
     unfreeze: Bulk = attrs.field(factory=list)
     checkpoint: bool = False
+    world: dict[str, Bulk] = attrs.field(factory=dict)
+    """Each plugin's world state as of the previous tick (wire values), in every step."""
     watch: Bulk | None = None
     """When set: the cells (``[cx, cy]``, side ``watch_cell``) where players look; every
     change there is reported in ``Reply.dirty`` on the tick it happens."""
@@ -148,6 +150,8 @@ class Reply:
     messages: Bulk = attrs.field(factory=list)
     """For players (``Context.tell``, ``announce``): ``[sender, seq, player, x, y, radius,
     data]``."""
+    world_events: Bulk = attrs.field(factory=list)
+    """``ctx.change_world`` of this tick: ``[sender, seq, plugin, event, data]``."""
     hazards: Bulk = attrs.field(factory=list)
     """Strict mode: ``[what, where, count]`` the guards noted since the last reply."""
     counts: dict[str, int] = attrs.field(factory=dict)

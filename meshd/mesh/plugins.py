@@ -96,6 +96,12 @@ class PluginSet:
     """The plugin that creates player entities, if any."""
     input_shapes: dict[str, dict[str, Arg]] = attrs.field(init=False)
     """Per action, the arguments its handler declared with ``meshd.takes``."""
+    kind_plugin: dict[str, str] = attrs.field(init=False)
+    """The plugin that defines each kind."""
+    world_codecs: dict[str, KindCodec] = attrs.field(init=False)
+    """Per plugin with world state, its codec."""
+    world_reducers: dict[tuple[str, str], Callable[[Any, Any], Any]] = attrs.field(init=False)
+    """(plugin, world event) -> its reducer."""
 
     def __attrs_post_init__(self) -> None:
         self.kinds, self.handlers, self.kind_settings = {}, {}, {}
@@ -119,6 +125,20 @@ class PluginSet:
         self.new_player = with_players[0] if with_players else None
         self.codecs = {name: KindCodec.for_kind(kind) for name, kind in self.kinds.items()}
         self.systems = {name: tuple(kind.systems) for name, kind in self.kinds.items()}
+        self.kind_plugin = {kind: p.name for p in self.plugins for kind in p.kinds}
+        self.world_codecs, self.world_reducers = {}, {}
+        for plugin in self.plugins:
+            if plugin.world is not None:
+                _check_frozen(f"{plugin.name} world", plugin.world)
+                if any(f.default is attrs.NOTHING for f in attrs.fields(plugin.world)):
+                    raise PluginError(
+                        f"plugin {plugin.name!r}: every field of its world state needs a default"
+                    )
+                self.world_codecs[plugin.name] = KindCodec.for_kind(Kind(plugin.world))
+            elif plugin.world_events:
+                raise PluginError(f"plugin {plugin.name!r} has world_events but no world class")
+            for event, reducer in plugin.world_events.items():
+                self.world_reducers[(plugin.name, event)] = reducer
         self.input_shapes = {
             action: dict(handler.meshd_args)
             for plugin in self.plugins

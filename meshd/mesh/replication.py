@@ -26,10 +26,12 @@ from typing import Any
 
 import attrs
 
+from meshd.common.wire import CONVERTER, check_wire_value
 from meshd.mesh.layout import Layout, cell_of, sorted_leaves
 from meshd.mesh.messages import Reply, Restore, Step, WorldParams
-from meshd.mesh.plugins import PluginSet
-from meshd.plugin import GATEWAY
+from meshd.mesh.plugins import KindCodec, PluginSet
+from meshd.mesh.step import describe_failure
+from meshd.plugin import GATEWAY, PluginError
 from meshd.store.codec import Delta, Row, WorldSnapshot, to_row, world_hash
 
 TIMER_SEQ = 1 << 32
@@ -77,6 +79,8 @@ class CommitReport:
     """For players, by sender then sequence: ``[sender, seq, player, x, y, radius, data]``."""
     hazards: list[tuple[str, str]] = attrs.field(factory=list)
     """Strict mode: (what, where) the workers' guards noted this tick."""
+    world_errors: list[tuple[int, str, str, str]] = attrs.field(factory=list)
+    """(sender, plugin and world event, where, error) of world events skipped."""
     dropped_events: int = 0
     handoffs: int = 0
     spawned: int = 0
@@ -115,6 +119,11 @@ class Replication:
         self.dirty: set[int] = set()
         self.code = plugins.code_digest()
         """The plugins' code digest, written with each delta."""
+        self.world_state: dict[str, list[Any]] = {
+            name: _stored_world(name, codec, snapshot.world.get(name, {}))
+            for name, codec in plugins.world_codecs.items()
+        }
+        """Each plugin's world state (wire values) as of the last commit."""
         self.deleted: set[int] = set()
         self.counts: dict[str, int] = {}
         self.cost_ms: dict[str, float] = {}
@@ -169,6 +178,7 @@ class Replication:
                 freeze=box.freeze,  # type: ignore[arg-type]
                 unfreeze=box.unfreeze,  # type: ignore[arg-type]
                 checkpoint=checkpoint,
+                world=self.world_state,  # type: ignore[arg-type]
             )
             self.outboxes[worker] = Outbox()
             self.step_log[worker].append(steps[worker])
@@ -185,6 +195,7 @@ class Replication:
         report = CommitReport()
         spawns: list[list[Any]] = []
         events: list[list[Any]] = []
+        world_events: list[list[Any]] = []
         for reply in sorted(replies, key=lambda r: r.worker):
             for entity_id in reply.despawn:
                 self._remove(entity_id)
@@ -206,6 +217,7 @@ class Replication:
             spawns.extend(reply.spawns)
             report.hazards.extend((what, where) for what, where, _count in reply.hazards)
             report.messages.extend(reply.messages)
+            world_events.extend(reply.world_events)
             for event in reply.events:
                 if len(event) == 5:
                     events.append(event)
@@ -220,6 +232,8 @@ class Replication:
             self.worker_cpu_ms[reply.worker] = reply.cpu_ms
         spawns.sort(key=lambda spawn: (spawn[0], spawn[1]))
         report.messages.sort(key=lambda message: (message[0], message[1]))
+        if world_events:
+            self._reduce_world(world_events, report)
         for _parent, _seq, kind, x, y, z, state in spawns:
             record = [self.next_id, kind, x, y, z, state]
             self.next_id += 1
@@ -266,6 +280,26 @@ class Replication:
         self.next_id += 1
         self._set_record(record)
         self._place(record)
+
+    def _reduce_world(self, world_events: list[list[Any]], report: CommitReport) -> None:
+        """Apply a tick's world events, by sender then sequence; a failing one is skipped."""
+        world_events.sort(key=lambda event: (event[0], event[1]))
+        changed = dict(self.world_state)
+        for sender, _seq, plugin, event, data in world_events:
+            codec = self.plugins.world_codecs[plugin]
+            try:
+                new = self.plugins.world_reducers[(plugin, event)](
+                    codec.from_wire(changed[plugin]), data
+                )
+                if type(new) is not codec.cls:
+                    raise TypeError(f"a world event must return a {codec.cls.__name__}")
+                values = codec.to_wire(new)
+                check_wire_value(values)
+            except Exception as exc:
+                report.world_errors.append((sender, f"{plugin}.{event}", *describe_failure(exc)))
+                continue
+            changed[plugin] = list(values)
+        self.world_state = changed
 
     def inject(self, events: Iterable[list[Any]]) -> int:
         """Queue events from outside the simulation (player inputs) for the next step.
@@ -536,10 +570,18 @@ class Replication:
             quarantined=sorted(self.quarantined),
             timers=self.stored_timers(),
             code=self.code,
+            world=self.world_fields(),
         )
         self.dirty = set()
         self.deleted = set()
         return delta
+
+    def world_fields(self) -> dict[str, dict[str, Any]]:
+        """Each plugin's world state as a field map (stored, hashed, shown)."""
+        return {
+            name: self.plugins.world_codecs[name].to_dict(values)
+            for name, values in self.world_state.items()
+        }
 
     def stored_timers(self) -> list[list[Any]]:
         """The timers as stored: ``[due tick, target, sender, seq, name, data]``, sorted."""
@@ -553,5 +595,23 @@ class Replication:
     def hash(self) -> str:
         """The world hash as of the last checkpoint (exact only at a checkpoint tick)."""
         return world_hash(
-            self.rows(), self.next_id, self.pending_events, self.quarantined, self.stored_timers()
+            self.rows(),
+            self.next_id,
+            self.pending_events,
+            self.quarantined,
+            self.stored_timers(),
+            self.world_fields(),
         )
+
+
+def _stored_world(plugin: str, codec: KindCodec, stored: dict[str, Any]) -> list[Any]:
+    """A plugin's stored world state as its world class has it now (fields it no longer
+    has are dropped, new ones take their defaults)."""
+    try:
+        known = {name: value for name, value in stored.items() if name in codec.fields}
+        return list(codec.from_dict(known, CONVERTER))
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {plugin!r}: the stored world state {stored!r} does not fit "
+            f"{codec.cls.__name__}: {exc}"
+        ) from None

@@ -130,7 +130,7 @@ def run_entity(
     seq, where, error]``; it is the input's failure, not the entity's.
     """
     ctx.begin(entity, prev)
-    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages)
+    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages), len(ctx.world_events)
     try:
         for index, event in enumerate(inbox):
             if index < len(input_seqs):
@@ -147,6 +147,7 @@ def run_entity(
         del ctx.events[marks[0] :]
         del ctx.spawns[marks[1] :]
         del ctx.messages[marks[2] :]
+        del ctx.world_events[marks[3] :]
         ctx.despawned.discard(entity.id)
         return describe_failure(exc)
     return None
@@ -163,7 +164,7 @@ def _run_input(
 ) -> list[str] | None:
     """One player input on its own; undone entirely if it fails (``[where, error]``)."""
     before = entity.x, entity.y, entity.z, entity.state
-    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages)
+    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages), len(ctx.world_events)
     despawned = entity.id in ctx.despawned
     saved = ctx.save()
     try:
@@ -174,6 +175,7 @@ def _run_input(
         del ctx.events[marks[0] :]
         del ctx.spawns[marks[1] :]
         del ctx.messages[marks[2] :]
+        del ctx.world_events[marks[3] :]
         if not despawned:
             ctx.despawned.discard(entity.id)
         ctx.restore(saved)
@@ -412,6 +414,10 @@ class WorkerSim:
 
         prev, index = snapshot_views(self.entities.values(), self.ghosts.values(), self.world.halo)
         ctx = Context(plugins, self.world, step.tick, index)
+        ctx.worlds = {
+            name: plugins.world_codecs[name].from_wire(values)
+            for name, values in step.world.items()
+        }
         inbox, input_seqs = group_events(step.events)
         handlers, systems, codecs = plugins.handlers, plugins.systems, plugins.codecs
         max_step = ctx.max_step
@@ -497,6 +503,7 @@ class WorkerSim:
         reply.spawns = ctx.spawns
         reply.events = ctx.events
         reply.messages = ctx.messages
+        reply.world_events = ctx.world_events
         reply.counts = {leaf: len(members) for leaf, members in self.members.items()}
         reply.cpu_ms = (time.process_time() - started_cpu) * 1000.0
         return reply

@@ -187,13 +187,23 @@ def entity_view(core: Core, entity_id: int) -> dict[str, Any]:
 async def world_view(core: Core, with_hash: bool) -> dict[str, Any]:
     repl = core.replication
     if not with_hash:
-        return {"tick": repl.tick, "entities": len(repl.owner), "hash": None}
+        return {
+            "tick": repl.tick,
+            "entities": len(repl.owner),
+            "hash": None,
+            "world_state": repl.world_fields(),
+        }
     # Between checkpoints the core holds only part of S(T): ask for one.
     send, receive = trio.open_memory_channel[tuple[int, str]](1)
     core.hash_waiters.append(send)
     with trio.fail_after(HASH_TIMEOUT):
         tick, digest = await receive.receive()
-    return {"tick": tick, "entities": len(repl.owner), "hash": digest}
+    return {
+        "tick": tick,
+        "entities": len(repl.owner),
+        "hash": digest,
+        "world_state": repl.world_fields(),
+    }
 
 
 async def release(core: Core, request: AdminRequest, peer: dict[str, int]) -> dict[str, Any]:

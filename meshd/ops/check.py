@@ -203,10 +203,11 @@ def run_way(spec: WorldSpec, run: Run) -> WayResult:
                     checkpoint=tick % CHECKPOINT_EVERY == 0 or tick == way.relayout_at or stop,
                     kill=frozenset({0}) if tick == way.kill_at else frozenset(),
                 )
-                records = mesh.records()
-                result.digests.append(records_digest(records))
+                records, world_state = mesh.records(), mesh.replication.world_fields()
+                result.digests.append(records_digest(records, world_state))
                 if tick == dump_at:
-                    result.records = records
+                    # The world state rides along as a pseudo-entity 0 ("world"): ids start at 1.
+                    result.records = {**records, 0: [0, "world", 0.0, 0.0, 0.0, world_state]}
                 if tick == way.relayout_at:
                     mesh.relayout(_layout(world, way, way.layout_seed + 1))
                 if stop:
@@ -387,6 +388,14 @@ def compare(
                     "only_in": way.name if a is None else "one worker",
                 }
             )
+        elif entity_id == 0:  # the plugins' world state
+            fields = {
+                f"{plugin}.{name}": [_plain(value), _plain(b[5].get(plugin, {}).get(name))]
+                for plugin, values in a[5].items()
+                for name, value in values.items()
+                if b[5].get(plugin, {}).get(name) != value
+            }
+            shown.append({"id": 0, "kind": "world state", "fields": fields})
         else:
             fields = {}
             for name, left, right in zip(("kind", "x", "y", "z"), a[1:5], b[1:5], strict=True):

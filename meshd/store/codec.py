@@ -38,6 +38,8 @@ class WorldSnapshot:
     """Events sent for a later tick: ``[due tick, target, sender, seq, name, data]``."""
     code: str = ""
     """The plugins' code digest when the world was last written ("" before meshd kept it)."""
+    world: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """Each plugin's world state, as a field map."""
     migrated: list[int] = attrs.field(factory=list)
     """Entities whose stored state went through their kind's ``migrate`` on loading."""
 
@@ -56,6 +58,8 @@ class Delta:
     timers: list[list[Any]] = attrs.field(factory=list)
     code: str = ""
     """The plugins' code digest (``PluginSet.code_digest``)."""
+    world: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """Each plugin's world state, as a field map."""
     players: list[tuple[str, int]] = attrs.field(factory=list)
     """Players' new entities: (name, entity id); their accounts are already stored."""
 
@@ -92,9 +96,10 @@ def world_hash(
     events: Sequence[Sequence[Any]],
     quarantined: Iterable[int] = (),
     timers: Sequence[Sequence[Any]] = (),
+    world: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """SHA-256 over the rows (in id order), the id counter, pending events, quarantine
-    and timers (a world without timers hashes as it did before they existed)."""
+    """SHA-256 over the rows (in id order), the id counter, pending events, quarantine,
+    timers and world state (a world without the last two hashes as before they existed)."""
     digest = hashlib.sha256()
     for entity_id, kind, x, y, z, state in rows:
         digest.update(cbor2.dumps([entity_id, kind, x, y, z], canonical=True))
@@ -104,6 +109,8 @@ def world_hash(
     )
     if timers:
         digest.update(cbor2.dumps(sorted(list(timer) for timer in timers), canonical=True))
+    if world:
+        digest.update(cbor2.dumps(world, canonical=True))
     return digest.hexdigest()
 
 

@@ -116,6 +116,7 @@ class Store:
             meta["quarantined"],
             meta.get("timers", []),  # none before timers existed
             meta.get("code", ""),
+            meta.get("world", {}),
             migrated,
         )
 
@@ -144,6 +145,7 @@ class Store:
             "quarantined": delta.quarantined,
             "timers": delta.timers,
             "code": delta.code,
+            "world": delta.world,
         }
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO entity VALUES (?, ?, ?, ?, ?, ?)", rows)

@@ -29,10 +29,17 @@ def offline_world(data_dir: Path, with_hash: bool) -> dict[str, Any]:
                 meta["events"],
                 meta["quarantined"],
                 meta.get("timers", []),
+                meta.get("world", {}),
             )
             if with_hash
             else None
         )
-        return {"tick": meta["tick"], "entities": store.count(), "hash": digest, "offline": True}
+        return {
+            "tick": meta["tick"],
+            "entities": store.count(),
+            "hash": digest,
+            "world_state": meta.get("world", {}),
+            "offline": True,
+        }
     finally:
         store.close()

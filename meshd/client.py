@@ -54,6 +54,7 @@ from meshd.players.protocol import (
     Pong,
     View,
     Welcome,
+    WorldState,
     decode_server,
     encode_frame,
 )
@@ -135,6 +136,8 @@ class Player:
         self._pings: dict[int, float] = {}
         self.rtts: list[float] = []
         """Round-trip times of answered pings, in milliseconds."""
+        self.world_state: dict[str, Any] = {}
+        """The plugins' world-wide state, per plugin (the latest ``WorldState``)."""
         self.messages: list[Message] = []
         """What the game's rules sent this player (``Message``), oldest first, as they arrive."""
         self.bad_inputs: list[str] = []
@@ -219,6 +222,9 @@ class Player:
                 continue
             if isinstance(message, Message):
                 self.messages.append(message)
+                continue
+            if isinstance(message, WorldState):
+                self.world_state = message.state
                 continue
             if isinstance(message, View):
                 self._apply(message)

@@ -47,6 +47,16 @@ def test_players_get_what_is_said_near_them_shouted_or_whispered_to_them(tmp_pat
                     await _until(lambda: cy.messages)
                     await cy.send("shout", text="HEY")
                     await _until(lambda: all(len(p.messages) >= 2 for p in (ann, bob, cy)))
+                    counted = {"chat": {"said": 1, "shouted": 1}}
+                    await _until(lambda: all(p.world_state == counted for p in (ann, bob, cy)))
+                    # one who comes later gets the world state right after its Welcome
+                    async with (
+                        await client.connect(*address, "dee@50", "d") as dee,
+                        trio.open_nursery() as reading,
+                    ):
+                        reading.start_soon(_read, dee)
+                        await _until(lambda: dee.world_state == counted)
+                        reading.cancel_scope.cancel()
                     await trio.sleep(0.3)  # nothing else arrives
                     nursery.cancel_scope.cancel()
                 return {name: [m.data for m in p.messages] for name, p in players.items()}

@@ -484,7 +484,7 @@ def test_the_protocol_documents_examples_decode_strictly() -> None:
     """Every hex example in docs/protocol.md is one whole frame of a current message."""
     text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
     examples = re.findall(r"```\n((?:[0-9a-f]{2}[ \n])+)```", text)
-    assert len(examples) == 8
+    assert len(examples) == 9
     for example in examples:
         data = bytes.fromhex(example)
         (length,) = struct.unpack(">I", data[:4])

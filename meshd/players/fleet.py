@@ -93,6 +93,8 @@ class GatewayLink:
     failed: list[list[Any]] = attrs.field(factory=list)
     messages: list[list[Any]] = attrs.field(factory=list)
     """Plugins' messages for its players, for the next ``Publish``."""
+    world: dict[str, Any] | None = None
+    """The world state it was last sent."""
     unanswered: int = 0
     """``Publish`` messages sent and not yet answered by ``Inputs``."""
     stats: dict[str, Any] = attrs.field(factory=dict)
@@ -551,6 +553,7 @@ class Gateways:
         repl = self.replication
         records, cells = repl.records, repl.cells
         due, self._views_due = self._views_due is not None, None
+        world = repl.world_fields()
         for slot, link in self.links.items():
             watched = [i for cx, cy in link.cells for i in cells.get((cx, cy), ())]
             ids, positions, states, gone = self._publisher.publish(
@@ -558,6 +561,8 @@ class Gateways:
             )
             failed, link.failed = link.failed, []
             messages, link.messages = link.messages, []
+            changed = world if world and link.world != world else None
+            link.world = world
             link.publish(
                 Publish(
                     tick=self._tick,
@@ -569,6 +574,7 @@ class Gateways:
                     failed=failed,
                     messages=messages,
                     view=due,
+                    world=changed,
                 )
             )
 

@@ -85,6 +85,7 @@ from meshd.players.protocol import (
     Pong,
     Refused,
     Welcome,
+    WorldState,
     decode_client,
     encode_frame,
 )
@@ -189,6 +190,8 @@ class Gateway:
         self.bytes_sent = 0
         """Bytes sent on connections that have ended (the live ones count their own)."""
         self.inputs: list[list[Any]] = []
+        self.world_state: dict[str, Any] = {}
+        """The plugins' world state as last published (every new player gets it)."""
         self._arrived: list[Client] = []
         """Players who sent more than their login in its frame: read at the next tick."""
         self.batch = 0
@@ -267,6 +270,11 @@ class Gateway:
         self._send_core(Inputs(self.batch, batch, stats))
         if publish.view:
             self._send_views(publish.batch)
+        if publish.world is not None:
+            self.world_state = publish.world
+            framed = encode_frame(WorldState(publish.tick, publish.world))
+            for client in self.clients.values():
+                client.offer(framed)
         if publish.messages:
             self._deliver(publish.tick, publish.messages)
         # This tick's garbage, now that its views are out (automatic collection is off).
@@ -523,6 +531,8 @@ class Gateway:
                 )
             )
         )
+        if self.world_state:
+            client.offer(encode_frame(WorldState(self.mirror.tick, self.world_state)))
         try:
             async with trio.open_nursery() as nursery:
                 client.connection = nursery.cancel_scope

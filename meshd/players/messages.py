@@ -159,6 +159,9 @@ class Publish:
     (player 0: an announcement, to everyone if radius < 0, else to those within it)."""
     view: bool = True
     """Whether a view update is due (``gateway.view_every``)."""
+    world: Any = None
+    """The plugins' world state (per plugin, a field map) when it changed since this
+    gateway's last ``Publish`` (or it has had none); None otherwise."""
 
 
 CORE_TO_GATEWAY = (GatewayInit, AccountInfo, Entered, Kick, Publish)

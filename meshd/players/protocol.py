@@ -158,7 +158,19 @@ class Message:
     data: Any
 
 
-SERVER_MESSAGES = (Welcome, View, Pong, Error, Message)
+@attrs.define
+class WorldState:
+    """The plugins' world-wide state (``Plugin.world``) as of ``tick``: sent right after
+    ``Welcome`` and after the ``View`` of every tick that changed it.
+
+    ``state``: per plugin, its fields and their values.
+    """
+
+    tick: int
+    state: Any
+
+
+SERVER_MESSAGES = (Welcome, View, Pong, Error, Message, WorldState)
 
 
 _INPUT_KEYS = ({"type", "seq", "action", "args"}, {"type", "seq", "action"})

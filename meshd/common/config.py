@@ -86,7 +86,8 @@ class MeshConfig:
     cooldown: float = 3.0
     strict: bool = False
     """Workers note plugin code that reads the clock or the global random, or changes a
-    previous state in place, and the core logs each place once (costs a few us a call)."""
+    previous state in place, and the core logs each place once (the tavern's simulation
+    takes about a fifth more CPU)."""
 
 
 @attrs.frozen

@@ -383,6 +383,8 @@ class Context:
         self.settings: Any = None
         """This entity's plugin's settings (its ``Plugin.settings`` class, ``[plugins.NAME]``)."""
         self.events: list[list[Any]] = []
+        self.timers: list[list[Any]] = []
+        """Events for a later tick than the next: ``[target, sender, seq, name, data, due]``."""
         self.spawns: list[list[Any]] = []
         self.messages: list[list[Any]] = []
         """For players: ``[sender, seq, player or 0, x, y, radius or -1, data]``."""
@@ -410,6 +412,19 @@ class Context:
         self._me, self._prev, self._rng = entity, prev, None
         self._sent = self._spawned = 0
         self.settings = self._plugins.kind_settings[entity.kind]
+
+    def _emitted(self) -> tuple[list[list[Any]], ...]:
+        return self.events, self.timers, self.spawns, self.messages, self.world_events
+
+    def mark(self) -> tuple[int, ...]:
+        """How much was emitted so far this tick, for :meth:`withdraw`."""
+        return tuple(map(len, self._emitted()))
+
+    def withdraw(self, mark: tuple[int, ...]) -> None:
+        """Take back everything emitted since ``mark`` (events, timers, spawns, messages,
+        world events): what a failed entity or input sent never happened."""
+        for emitted, length in zip(self._emitted(), mark, strict=True):
+            del emitted[length:]
 
     def save(self) -> tuple[Any, int, int]:
         """What :meth:`restore` needs to undo one player input's randomness and emissions."""
@@ -489,10 +504,10 @@ class Context:
         if type(after) is not int or not 1 <= after <= MAX_AFTER:
             raise ValueError(f"after must be a whole number of ticks, 1 to {MAX_AFTER}")
         check_wire_value(data)
-        event = [int(target), me.id, self._sent, name, data]
-        if after > 1:
-            event.append(self.tick + after)
-        self.events.append(event)
+        if after == 1:
+            self.events.append([int(target), me.id, self._sent, name, data])
+        else:
+            self.timers.append([int(target), me.id, self._sent, name, data, self.tick + after])
         self._sent += 1
 
     @property

@@ -147,6 +147,8 @@ class Reply:
     dirty: Bulk = attrs.field(factory=list)
     errors: Bulk = attrs.field(factory=list)
     input_errors: Bulk = attrs.field(factory=list)
+    timers: Bulk = attrs.field(factory=list)
+    """Events sent for a later tick: ``[target, sender, seq, name, data, due tick]``."""
     messages: Bulk = attrs.field(factory=list)
     """For players (``Context.tell``, ``announce``): ``[sender, seq, player, x, y, radius,
     data]``."""

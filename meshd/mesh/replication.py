@@ -218,15 +218,12 @@ class Replication:
             report.hazards.extend((what, where) for what, where, _count in reply.hazards)
             report.messages.extend(reply.messages)
             world_events.extend(reply.world_events)
-            for event in reply.events:
-                if len(event) == 5:
-                    events.append(event)
-                else:  # a timer: [target, sender, seq, name, data, due]
-                    target, sender, seq, name, data, due = event
-                    # Delivered with others of its sender by seq: timers before this
-                    # tick's events, the earliest sent first, each seq unique.
-                    seq += (tick - due) * TIMER_SEQ
-                    self.timers.setdefault(due, []).append([target, sender, seq, name, data])
+            events.extend(reply.events)
+            for target, sender, seq, name, data, due in reply.timers:
+                # Delivered with others of its sender by seq: timers before this
+                # tick's events, the earliest sent first, each seq unique.
+                seq += (tick - due) * TIMER_SEQ
+                self.timers.setdefault(due, []).append([target, sender, seq, name, data])
             self.counts.update(reply.counts)
             self.cost_ms.update(reply.cost_ms)
             self.worker_cpu_ms[reply.worker] = reply.cpu_ms

@@ -130,7 +130,7 @@ def run_entity(
     seq, where, error]``; it is the input's failure, not the entity's.
     """
     ctx.begin(entity, prev)
-    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages), len(ctx.world_events)
+    mark = ctx.mark()
     try:
         for index, event in enumerate(inbox):
             if index < len(input_seqs):
@@ -144,10 +144,7 @@ def run_entity(
         _check_outcome(entity, prev, ctx, codec, max_step)
     except (Exception, SystemExit) as exc:
         entity.x, entity.y, entity.z, entity.state = prev.x, prev.y, prev.z, prev.state
-        del ctx.events[marks[0] :]
-        del ctx.spawns[marks[1] :]
-        del ctx.messages[marks[2] :]
-        del ctx.world_events[marks[3] :]
+        ctx.withdraw(mark)
         ctx.despawned.discard(entity.id)
         return describe_failure(exc)
     return None
@@ -164,7 +161,7 @@ def _run_input(
 ) -> list[str] | None:
     """One player input on its own; undone entirely if it fails (``[where, error]``)."""
     before = entity.x, entity.y, entity.z, entity.state
-    marks = len(ctx.events), len(ctx.spawns), len(ctx.messages), len(ctx.world_events)
+    mark = ctx.mark()
     despawned = entity.id in ctx.despawned
     saved = ctx.save()
     try:
@@ -172,10 +169,7 @@ def _run_input(
         _check_outcome(entity, prev, ctx, codec, max_step)
     except (Exception, SystemExit) as exc:
         entity.x, entity.y, entity.z, entity.state = before
-        del ctx.events[marks[0] :]
-        del ctx.spawns[marks[1] :]
-        del ctx.messages[marks[2] :]
-        del ctx.world_events[marks[3] :]
+        ctx.withdraw(mark)
         if not despawned:
             ctx.despawned.discard(entity.id)
         ctx.restore(saved)
@@ -502,6 +496,7 @@ class WorkerSim:
             dirty.clear()
         reply.spawns = ctx.spawns
         reply.events = ctx.events
+        reply.timers = ctx.timers
         reply.messages = ctx.messages
         reply.world_events = ctx.world_events
         reply.counts = {leaf: len(members) for leaf, members in self.members.items()}

@@ -194,7 +194,7 @@ def test_world_state_is_reduced_in_order_the_same_on_any_layout() -> None:
         world.step(40)
     # (each World loads the plugin file afresh: compare values, not instances of two classes)
     one, four = (attrs.astuple(world.world_state("teams")) for world in worlds)
-    assert one == four and min(one) > 0  # red, blue and the last scorer
+    assert one == four and min(one[:3]) > 0  # red, blue and the last scorer
     assert worlds[0].digest() == worlds[1].digest() and worlds[0].failures == []
 
 

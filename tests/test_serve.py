@@ -475,6 +475,7 @@ def test_world_state_is_stored_shown_and_a_failing_world_event_logged_once(tmp_p
     first = meshd_json("inspect", "world", "--config", str(config), "--hash")
     scores = first["world_state"]["teams"]
     assert scores["red"] > 0 and scores["blue"] > 0 and first["tick"] == 20
+    assert scores["banner"] == "0001"  # bytes, printed as hex
     meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "5")
     later = meshd_json("inspect", "world", "--config", str(config))["world_state"]["teams"]
     assert later["red"] + later["blue"] > scores["red"] + scores["blue"]  # went on from there

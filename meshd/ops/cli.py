@@ -157,7 +157,14 @@ def _ask(config: Path | None, data: Path | None, request: admin.AdminRequest) ->
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+    sys.stdout.write(json.dumps(value, indent=2, default=_bytes_as_hex) + "\n")
+
+
+def _bytes_as_hex(value: Any) -> str:
+    """Plugin states may hold bytes, which JSON has no type for."""
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _table(rows: list[dict[str, Any]], title: str) -> None:

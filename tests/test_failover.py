@@ -457,7 +457,7 @@ def test_an_operator_releases_what_was_quarantined_without_a_restart(tmp_path: P
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_only_the_daemons_own_user_may_release(tmp_path: Path) -> None:
+def test_only_the_daemons_own_user_may_release_or_reload(tmp_path: Path) -> None:
     # Open the way on purpose: the file modes are the first guard, this tests the second.
     reachable = Path(tempfile.mkdtemp(prefix="meshd-uid-"))
     reachable.chmod(0o711)
@@ -477,10 +477,12 @@ def test_only_the_daemons_own_user_may_release(tmp_path: Path) -> None:
             os.setuid(65534)
             path = {str(socket_path)!r}
             print(admin.request(path, admin.AdminRequest("status"))["tick"] > 0)
-            try:
-                admin.request(path, admin.AdminRequest("release", all_entities=True))
-            except admin.AdminError as exc:
-                print(exc)
+            for request in (admin.AdminRequest("release", all_entities=True),
+                            admin.AdminRequest("reload")):
+                try:
+                    admin.request(path, request)
+                except admin.AdminError as exc:
+                    print(exc)
             """
         )
         other = subprocess.run(
@@ -494,4 +496,5 @@ def test_only_the_daemons_own_user_may_release(tmp_path: Path) -> None:
     assert other.stdout.splitlines() == [
         "True",
         "release changes the world: only the daemon's own user (uid 0) may ask for it",
+        "reload changes the world: only the daemon's own user (uid 0) may ask for it",
     ]

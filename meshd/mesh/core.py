@@ -29,6 +29,7 @@ from meshd.mesh.failover import Failover, run_step
 from meshd.mesh.layout import sorted_leaves
 from meshd.mesh.messages import Reply
 from meshd.mesh.plugins import PluginSet
+from meshd.mesh.reload import Reload, apply_reloads
 from meshd.mesh.replication import CommitReport
 from meshd.mesh.step import collect_between_ticks
 from meshd.mesh.supervisor import Supervisor, WorkerFailed
@@ -37,6 +38,8 @@ from meshd.mesh.usage import Sample, Usage, percentile
 from meshd.store.codec import Delta
 from meshd.store.db import Store
 
+Schema = dict[str, tuple[str, ...]]
+"""Each kind's state field names (:meth:`PluginSet.schema`): how a delta's states are stored."""
 PERSIST_RETRY_MAX = 5.0
 STARTUP_DEADLINE = 10.0
 
@@ -139,6 +142,10 @@ class Core:
         self.stop_requested = False
         self.hash_waiters: list[trio.MemorySendChannel[tuple[int, str]]] = []
         self.releases: list[Release] = []
+        self.reloads: list[Reload] = []
+        """New plugin code with its workers started, for the next checkpoint boundary."""
+        self.reloading = False
+        """A reload is under way: the planner keeps the mesh's shape meanwhile."""
         self.failover_log: deque[Failover] = deque(maxlen=1000)
         self.plugin_errors = OncePer()
         self._deadline: float | None = None
@@ -167,11 +174,13 @@ class Core:
         return (len(times) - 1) / (times[-1] - times[0])
 
 
-async def persist_loop(core: Core, deltas: trio.MemoryReceiveChannel[Delta]) -> None:
-    """The only writer: one whole tick per transaction, retried until it lands."""
-    schema = core.plugins.schema()
+async def persist_loop(core: Core, deltas: trio.MemoryReceiveChannel[tuple[Delta, Schema]]) -> None:
+    """The only writer: one whole tick per transaction, retried until it lands.
+
+    Each delta comes with the state fields it was taken with (a reload may change them).
+    """
     async with deltas:
-        async for delta in deltas:
+        async for delta, schema in deltas:
             backoff = 0.1
             while True:
                 try:
@@ -202,7 +211,7 @@ async def watch_signals(core: Core) -> None:
 
 
 async def tick_loop(
-    core: Core, ticks: int | None, persist: trio.MemorySendChannel[Delta]
+    core: Core, ticks: int | None, persist: trio.MemorySendChannel[tuple[Delta, Schema]]
 ) -> RunSummary:
     repl, pipeline, links = core.replication, core.pipeline, core.supervisor.links
     rate = core.config.tick.rate
@@ -220,7 +229,7 @@ async def tick_loop(
             last = ticks is not None and repl.tick + 1 == first_tick - 1 + ticks
             plan = pipeline.next(
                 final=core.stop_requested or last,
-                checkpoint=bool(core.hash_waiters) or bool(core.releases),
+                checkpoint=bool(core.hash_waiters or core.releases or core.reloads),
             )
             tick, checkpoint, final = plan.tick, plan.checkpoint, plan.final
             previous, started = started, time.perf_counter()
@@ -265,6 +274,7 @@ async def tick_loop(
             if checkpoint:
                 await _checkpoint(core, persist, final, plan.persist)
                 await _release(core, stopping=final)
+                await apply_reloads(core, stopping=final)
             if final:
                 break
             if checkpoint:
@@ -389,6 +399,8 @@ async def _replan(core: Core) -> None:
     are stopped.
     """
     repl, supervisor = core.replication, core.supervisor
+    if core.reloading:
+        return
     plan = core.pipeline.replan(can_start=bool(supervisor.spares))
     if plan is None:
         return
@@ -432,7 +444,10 @@ class _StepsSent:
 
 
 async def _checkpoint(
-    core: Core, persist: trio.MemorySendChannel[Delta], final: bool, persist_now: bool
+    core: Core,
+    persist: trio.MemorySendChannel[tuple[Delta, Schema]],
+    final: bool,
+    persist_now: bool,
 ) -> None:
     """The core holds all of ``S(T)``: answer hash requests, maybe hand the writer a delta."""
     repl = core.replication
@@ -449,9 +464,10 @@ async def _checkpoint(
         persist.send_nowait(_delta(core))
 
 
-def _delta(core: Core) -> Delta:
-    """The changes to write: the world's since the last delta, and new player claims."""
+def _delta(core: Core) -> tuple[Delta, Schema]:
+    """The changes to write (the world's since the last delta, and new player claims),
+    with the plugins' state fields they are in."""
     delta = core.replication.take_delta()
     if core.gateway is not None:
         delta.players = core.gateway.take_claims()
-    return delta
+    return delta, core.plugins.schema()

@@ -102,6 +102,12 @@ async def replace(core: Core, worker: int, tick: int) -> WorkerLink:
         except WorkerFailed as failure:
             core.log.warning("replacement failed", worker=worker, reason=failure.reason)
             continue
+        if link.code != core.replication.code and core.plugin_errors.first(("code", link.code)):
+            core.log.warning(
+                "the replacement worker loaded plugin code that differs from the world's (the "
+                "files changed since start or the last reload): `meshd reload` runs it everywhere",
+                worker=worker,
+            )
         core.failover_log.append(Failover(worker, tick, link.epoch, time.monotonic()))
         core.log.info(
             "worker replaced",

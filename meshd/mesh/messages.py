@@ -60,6 +60,8 @@ class Ready:
     """Worker -> core: plugins loaded, ready to step."""
 
     worker: int
+    code: str = ""
+    """The digest of the plugin code it loaded (:meth:`PluginSet.code_digest`)."""
 
 
 @attrs.define

@@ -57,6 +57,12 @@ class KindCodec:
             getter = operator.attrgetter(*names)
         return cls(state_cls, names, getter, kind.migrate)
 
+    @property
+    def signature(self) -> tuple[tuple[str, str], ...]:
+        """The state class's fields and their declared types: stored states fit any class
+        with the same signature as they are."""
+        return tuple((field.name, str(field.type)) for field in attrs.fields(self.cls))
+
     def to_wire(self, state: Any) -> tuple[Any, ...]:
         return self._getter(state)
 
@@ -217,8 +223,14 @@ def _load_module_file(path: Path) -> Any:
     return module
 
 
-def find_plugin(name: str, dirs: Sequence[Path]) -> Plugin:
-    """Find plugin ``name`` in the plugin folders, then in the entry-point group."""
+def find_plugin(name: str, dirs: Sequence[Path], *, fresh: bool = False) -> Plugin:
+    """Find plugin ``name`` in the plugin folders, then in the entry-point group.
+
+    A plugin file is executed anew on every call. An installed plugin's
+    module is imported once per process, unless ``fresh`` (``meshd reload``)
+    asks for its current code: then it is reloaded (its own module only,
+    not the modules it imports).
+    """
     for folder in dirs:
         candidate = folder / f"{name}.py"
         if candidate.is_file():
@@ -232,7 +244,15 @@ def find_plugin(name: str, dirs: Sequence[Path]) -> Plugin:
                 f"plugin {name!r} not found in {searched} "
                 f"nor in the {ENTRY_POINT_GROUP!r} entry-point group"
             )
-        loaded = next(iter(matches)).load()
+        entry = next(iter(matches))
+        if fresh and entry.module in sys.modules:
+            try:
+                importlib.reload(sys.modules[entry.module])
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin module {entry.module} failed to import: {exc!r}"
+                ) from exc
+        loaded = entry.load()
         found = getattr(loaded, "plugin", loaded)
     if not isinstance(found, Plugin):
         raise PluginError(f"plugin {name!r} does not expose a meshd.Plugin named 'plugin'")
@@ -244,9 +264,12 @@ def load_plugins(
     dirs: Sequence[Path],
     raw_settings: Mapping[str, Mapping[str, Any]],
     converter: cattrs.Converter,
+    *,
+    fresh: bool = False,
 ) -> PluginSet:
     """Load and validate the named plugins and their ``[plugins.NAME]`` settings."""
-    return plugin_set([find_plugin(name, dirs) for name in names], raw_settings, converter)
+    found = [find_plugin(name, dirs, fresh=fresh) for name in names]
+    return plugin_set(found, raw_settings, converter)
 
 
 def plugin_set(
@@ -273,9 +296,11 @@ def plugin_set(
     return PluginSet(list(plugins), settings)
 
 
-def load_plugin_set(config: Config) -> PluginSet:
+def load_plugin_set(config: Config, *, fresh: bool = False) -> PluginSet:
+    """The configured plugins, checked against the world's halo (``fresh``: see
+    :func:`find_plugin`). Raises :class:`PluginError` or :class:`ConfigError`."""
     plugins = load_plugins(
-        config.plugins.load, config.plugin_dirs, config.plugins.settings, CONVERTER
+        config.plugins.load, config.plugin_dirs, config.plugins.settings, CONVERTER, fresh=fresh
     )
     need, kind = plugins.required_halo(config.world.dt)
     if need > config.world.halo:

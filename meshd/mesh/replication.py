@@ -21,6 +21,7 @@ What the core knows, and when:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,7 +33,15 @@ from meshd.mesh.messages import Reply, Restore, Step, WorldParams
 from meshd.mesh.plugins import KindCodec, PluginSet
 from meshd.mesh.step import describe_failure
 from meshd.plugin import GATEWAY, PluginError
-from meshd.store.codec import Delta, Row, WorldSnapshot, to_row, world_hash
+from meshd.store.codec import (
+    Delta,
+    Row,
+    StoreError,
+    WorldSnapshot,
+    decode_state,
+    to_row,
+    world_hash,
+)
 
 TIMER_SEQ = 1 << 32
 """Sequence numbers of one sender's events in one tick stay below this."""
@@ -85,6 +94,18 @@ class CommitReport:
     handoffs: int = 0
     spawned: int = 0
     despawned: int = 0
+
+
+@attrs.frozen
+class Adoption:
+    """What :meth:`Replication.adopt` did to the world for new plugin code."""
+
+    converted: list[int]
+    """Entities whose state was converted to their kind's new class."""
+    migrated: list[int]
+    """Of those, the ones that went through ``Kind.migrate``."""
+    released: list[int]
+    """Quarantined entities that run again (the code changed)."""
 
 
 class Replication:
@@ -476,6 +497,68 @@ class Replication:
         self.checkpoint = self._take_checkpoint()
         restore, _log = self.recovery(worker)
         return restore
+
+    def adopt(self, plugins: PluginSet) -> Adoption:
+        """Run ``plugins`` (their code as it is now: ``meshd reload``) from the next tick.
+
+        Called right after a checkpoint commit, when the core holds all of
+        ``S(T)``. What a restart would do to the stored world is done here:
+        states whose class changed are converted (new fields take their
+        defaults, ``Kind.migrate`` for the rest), the world state likewise,
+        and quarantined entities run again if the code changed. Raises
+        :class:`PluginError` with the reason, changing nothing, if a kind that
+        still has entities is gone or a state does not convert.
+        """
+        if self.checkpoint_tick != self.tick:
+            raise RuntimeError("plugins can only change right after a checkpoint commit")
+        old = self.plugins
+        orphans = Counter(r[1] for r in self.records.values() if r[1] not in plugins.codecs)
+        if orphans:
+            kind, count = sorted(orphans.items())[0]
+            raise PluginError(
+                f"the new code defines no kind {kind!r}, and {count} entities are of that kind: "
+                "keep the kind (it may have no systems) until they are gone"
+            )
+        changed = {
+            kind
+            for kind, codec in plugins.codecs.items()
+            if kind in old.codecs and codec.signature != old.codecs[kind].signature
+        }
+        converted: dict[int, list[Any]] = {}
+        migrated: list[int] = []
+        for entity_id, (_id, kind, x, y, z, values) in self.records.items():
+            if kind not in changed:
+                continue
+            stored = old.codecs[kind].to_dict(values)
+            try:
+                state, was_migrated = decode_state(entity_id, kind, stored, plugins.codecs[kind])
+            except StoreError as exc:
+                raise PluginError(str(exc).replace("stored entity", "entity", 1)) from None
+            converted[entity_id] = [entity_id, kind, x, y, z, state]
+            if was_migrated:
+                migrated.append(entity_id)
+        world_state = {
+            name: _stored_world(
+                name,
+                codec,
+                old.world_codecs[name].to_dict(self.world_state[name])
+                if name in self.world_state
+                else {},
+            )
+            for name, codec in plugins.world_codecs.items()
+        }
+        code = plugins.code_digest()
+        released = self.release_entities(self.quarantined) if code != self.code else []
+        self.plugins, self.code, self.world_state = plugins, code, world_state
+        self.error_streaks = {}  # as after a restart
+        self.records.update(converted)
+        self.dirty.update(converted)
+        if converted:  # what the next step hands over goes in the new form too
+            for box in self.outboxes.values():
+                box.acquire = [[converted.get(r[0], r), targets] for r, targets in box.acquire]
+                box.ghost_upsert = [converted.get(r[0], r) for r in box.ghost_upsert]
+        self.checkpoint = self._take_checkpoint()
+        return Adoption(sorted(converted), migrated, released)
 
     def _count_errors(self, report: CommitReport) -> None:
         """Quarantine entities whose systems failed ``quarantine_after`` ticks in a row."""

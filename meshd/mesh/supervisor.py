@@ -54,6 +54,8 @@ class WorkerLink:
     stream: trio.SocketStream
     decoder: FrameDecoder = attrs.field(factory=lambda: FrameDecoder(WORKER_FRAME_CAP))
     stale_frames: int = 0
+    code: str = ""
+    """The digest of the plugin code the process loaded."""
 
     async def send(self, message: Any) -> None:
         try:
@@ -159,9 +161,11 @@ class Supervisor:
         return link
 
     async def _assign(self, link: WorkerLink, worker: int, epoch: int) -> None:
+        """Make ``link`` slot ``worker``'s process. If it cannot be told, it has died:
+        the slot keeps it, and its next step fails over as any dead worker's would."""
         link.worker, link.epoch = worker, epoch
-        await link.send(Assign(worker=worker, epoch=epoch))
         self.links[worker] = link
+        await link.send(Assign(worker=worker, epoch=epoch))
         self._log.info("worker started", worker=worker, epoch=epoch, pid=link.pid)
 
     async def refill_spares(self) -> None:
@@ -228,7 +232,12 @@ class Supervisor:
             link = WorkerLink(worker, epoch, hello.pid, process, stream, decoder)
             try:
                 await link.send(self.init)
-                await link.receive((Ready,))
+                with trio.move_on_after(STARTUP_TIMEOUT):
+                    link.code = (await link.receive((Ready,))).code
+                if not link.code:
+                    raise WorkerFailed(
+                        worker, f"did not load its plugins within {STARTUP_TIMEOUT} s"
+                    )
             except WorkerFailed:
                 self.kill(process)
                 raise
@@ -271,16 +280,17 @@ class Supervisor:
         self._nursery.start_soon(self.refill_spares)
         return link
 
-    async def retire(self, worker: int, grace: float = 2.0) -> None:
-        """Stop slot ``worker``, which holds nothing any more: close its link, reap it.
-
-        The worker exits on EOF; one that does not within ``grace`` seconds
-        is killed, in the background.
-        """
+    async def retire(self, worker: int) -> None:
+        """Stop slot ``worker``, which holds nothing any more: close its link, reap it."""
         link = self.links.pop(worker)
+        await self._dismiss(link)
+        self._log.info("worker stopped", worker=worker, epoch=link.epoch, pid=link.pid)
+
+    async def _dismiss(self, link: WorkerLink, grace: float = 2.0) -> None:
+        """Close ``link``: the worker exits on EOF; one that does not within ``grace``
+        seconds is killed, in the background."""
         self.stale_frames += link.stale_frames
         await link.stream.aclose()
-        self._log.info("worker stopped", worker=worker, epoch=link.epoch, pid=link.pid)
 
         async def reap() -> None:
             with trio.move_on_after(grace):
@@ -289,6 +299,57 @@ class Supervisor:
             await link.process.wait()
 
         self._nursery.start_soon(reap)
+
+    async def prepare(self, count: int) -> list[WorkerLink]:
+        """Start ``count`` workers at once, loaded with the plugins' code as it is now and not
+        yet given a slot (``meshd reload`` hands them every slot with :meth:`hand_over`).
+
+        Raises :class:`WorkerFailed` if any of them cannot start; the others are killed then.
+        """
+        links: list[WorkerLink] = []
+        failed: list[WorkerFailed] = []
+
+        async def start_one() -> None:
+            self._spares_started += 1
+            try:
+                links.append(await self._spawn(-self._spares_started, 1))
+            except WorkerFailed as failure:
+                failed.append(failure)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(start_one)
+        except BaseException:  # cancelled: nothing it started is wanted
+            with trio.CancelScope(shield=True):
+                await self.discard(links)
+            raise
+        if failed:
+            await self.discard(links)
+            raise failed[0]
+        return links
+
+    async def hand_over(self, links: list[WorkerLink], spares: list[WorkerLink]) -> None:
+        """Give every live slot to one of ``links`` (in slot order) and make ``spares`` the
+        warm spares; the processes they replace are stopped.
+
+        Called at a tick boundary; the caller then restores each slot's state.
+        """
+        fresh = iter(links)
+        for worker in sorted(self.links):
+            old = self.links[worker]
+            with contextlib.suppress(WorkerFailed):  # it fails over at the next step
+                await self._assign(next(fresh), worker, self._next_epoch(worker))
+            await self._dismiss(old)
+        for old in self.spares:
+            await self._dismiss(old)
+        self.spares = list(spares)
+
+    async def discard(self, links: Iterable[WorkerLink]) -> None:
+        """Stop unassigned workers that are no longer wanted."""
+        for link in links:
+            self.kill(link.process)
+            await self._dismiss(link)
 
     def reap(self, process: trio.Process) -> None:
         """Wait for a killed child in the background, so it leaves no zombie."""

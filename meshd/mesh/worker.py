@@ -71,7 +71,7 @@ def run(socket_path: str, worker: int, epoch: int, token: str) -> int:
     if init.strict:
         guard_state(plugins, findings)
     reported = Findings()
-    send(frame(encode_message(Ready(worker=worker))))
+    send(frame(encode_message(Ready(worker=worker, code=plugins.code_digest()))))
     assign = _receive(sock, decoder, (Assign,))  # a warm spare waits here
     if isinstance(assign, Fatal):
         return 0

@@ -4,9 +4,10 @@ Requests and answers are single frames: an :class:`AdminRequest` in, an
 :class:`AdminAnswer` out. The views read the core's state between ticks
 (trio runs one task at a time), so every answer is consistent.
 
-``release`` is the one command that changes the world; it is taken only
-from the daemon's own user (checked with the connection's peer credentials,
-on top of the socket's file mode) and logged with the caller's pid and uid.
+``release`` and ``reload`` are the commands that change the world; they are
+taken only from the daemon's own user (checked with the connection's peer
+credentials, on top of the socket's file mode) and logged with the caller's
+pid and uid.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from meshd.common.links import receive_frame, receive_frame_blocking
 from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
 from meshd.mesh.core import Release
 from meshd.mesh.layout import parse_leaf, sorted_leaves
+from meshd.mesh.reload import request_reload
 from meshd.mesh.usage import percentile
 
 if TYPE_CHECKING:
@@ -40,8 +42,9 @@ VIEWS = (
     "stats",
     "map",
     "release",
+    "reload",
 )
-WRITES = frozenset({"release"})
+WRITES = frozenset({"release", "reload"})
 HASH_TIMEOUT = 30.0
 RELEASE_TIMEOUT = 60.0
 """A release waits for a checkpoint and maybe for a worker process to start."""
@@ -257,6 +260,9 @@ async def answer(
         elif request.view == "release":
             assert peer is not None
             result = await release(core, request, peer)
+        elif request.view == "reload":
+            assert peer is not None
+            result = await request_reload(core, peer)
         else:
             raise ValueError(f"unknown view {request.view!r}; one of {', '.join(VIEWS)}")
     except (KeyError, ValueError, trio.TooSlowError) as exc:

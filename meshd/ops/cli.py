@@ -26,7 +26,8 @@ from rich.table import Table
 from meshd.common.config import Config, ConfigError, load_config
 from meshd.common.log import configure
 from meshd.mesh.plugins import load_plugin_set
-from meshd.mesh.supervisor import WorkerFailed
+from meshd.mesh.reload import RELOAD_TIMEOUT
+from meshd.mesh.supervisor import STARTUP_TIMEOUT, WorkerFailed
 from meshd.ops import admin
 from meshd.ops.check import DEFAULT_TICKS, CheckFailed, WorldSpec, check, format_report
 from meshd.ops.serve import SOCKET_NAME, StartupError, serve
@@ -149,9 +150,11 @@ def _data_dir(config: Path | None, data: Path | None) -> Path:
     return data if data is not None else _config(config).data_dir
 
 
-def _ask(config: Path | None, data: Path | None, request: admin.AdminRequest) -> Any:
+def _ask(
+    config: Path | None, data: Path | None, request: admin.AdminRequest, timeout: float = 60.0
+) -> Any:
     try:
-        return admin.request(_data_dir(config, data) / SOCKET_NAME, request)
+        return admin.request(_data_dir(config, data) / SOCKET_NAME, request, timeout)
     except admin.AdminError as exc:
         raise _fail(str(exc), 1) from None
 
@@ -327,6 +330,23 @@ def release_command(
         ),
     )
     _print_json(result) if as_json else _pairs(result, "released")
+
+
+@app.command("reload")
+def reload_command(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the plugins' current code: every worker is replaced at a tick boundary.
+
+    Players stay connected and no tick is skipped. Refused, with the reason,
+    when the new code does not load or cannot take the current world's
+    states. Only the daemon's own user may do this; the daemon logs who did.
+    """
+    # Starting the new workers takes up to their start-up timeout, then a tick boundary.
+    result = _ask(config, data, admin.AdminRequest("reload"), STARTUP_TIMEOUT + RELOAD_TIMEOUT)
+    _print_json(result) if as_json else _pairs(result, "reloaded")
 
 
 @app.command("check")

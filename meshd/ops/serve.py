@@ -22,7 +22,7 @@ import trio
 
 from meshd.common.config import Config
 from meshd.common.log import get_logger
-from meshd.mesh.core import Core, RunSummary, persist_loop, tick_loop, watch_signals
+from meshd.mesh.core import Core, RunSummary, Schema, persist_loop, tick_loop, watch_signals
 from meshd.mesh.layout import Layout
 from meshd.mesh.messages import Init, WorldParams
 from meshd.mesh.planner import Planner, PlannerSettings
@@ -278,7 +278,7 @@ async def serve(
             else None
         )
         core = Core(config, plugins, pipeline, supervisor, store, store_lock, gateway)
-        send_delta, receive_delta = trio.open_memory_channel[Delta](0)
+        send_delta, receive_delta = trio.open_memory_channel[tuple[Delta, Schema]](0)
         async with trio.open_nursery() as outer:
             outer.start_soon(persist_loop, core, receive_delta)
             if journal is not None:

@@ -47,6 +47,7 @@ from meshd.players.journal import Journal
 from meshd.players.messages import (
     GATEWAY_TO_CORE,
     AccountInfo,
+    Actions,
     Enter,
     Entered,
     GatewayInit,
@@ -194,7 +195,7 @@ class Gateways:
         """JOIN/LEAVE of the core's own making, in order: [entity, action, args, 0]."""
         self._in_flight: dict[int, tuple[int, int, str, int]] = {}
         """Input event seq -> (entity, client seq, action, gateway) for the tick in flight."""
-        self._publisher = Publisher(lambda kind, state: plugins.codecs[kind].to_dict(state))
+        self._publisher = Publisher(lambda kind, state: self.plugins.codecs[kind].to_dict(state))
         self._views_due: int | None = None
         self._tick = replication.tick
         self._epochs: dict[int, int] = {}
@@ -231,14 +232,15 @@ class Gateways:
         decoder.max_frame = GATEWAY_FRAME_CAP
         send, receive = trio.open_memory_channel[bytes](math.inf)
         link = GatewayLink(slot, epoch, hello.pid, process, stream, decoder, send)
+        actions = self._actions()
         init = GatewayInit(
             gateway=slot,
             config=self.config,
             rate=self.rate,
             world_size=self.world.size,
-            actions=self.plugins.input_actions(),
-            shapes=self.plugins.input_shapes,
-            players=self.plugins.new_player is not None,
+            actions=actions.actions,
+            shapes=actions.shapes,
+            players=actions.players,
             resume_key=self.resume_key,
             tick=self.replication.tick,
             log_level=self.log_config.level,
@@ -254,6 +256,20 @@ class Gateways:
         self.links[slot] = link
         self._log.info("gateway started", gateway=slot, epoch=epoch, pid=link.pid)
         self._nursery.start_soon(self._serve_link, link, receive)
+
+    def _actions(self) -> Actions:
+        plugins = self.plugins
+        return Actions(
+            plugins.input_actions(), plugins.input_shapes, plugins.new_player is not None
+        )
+
+    def adopt(self, plugins: PluginSet) -> None:
+        """The plugins' code changed (``meshd reload``): serve players with ``plugins`` from
+        the next tick; every gateway learns the actions and argument shapes now."""
+        self.plugins = plugins
+        actions = self._actions()
+        for link in self.links.values():
+            link.send(actions)
 
     async def _serve_link(
         self, link: GatewayLink, outbox: trio.MemoryReceiveChannel[bytes]

@@ -62,6 +62,7 @@ from meshd.players.accounts import (
 from meshd.players.messages import (
     CORE_TO_GATEWAY,
     AccountInfo,
+    Actions,
     Enter,
     Entered,
     GatewayInit,
@@ -90,7 +91,7 @@ from meshd.players.protocol import (
     encode_frame,
 )
 from meshd.players.views import Mirror
-from meshd.plugin import JOIN, LEAVE, check_input
+from meshd.plugin import JOIN, LEAVE, Arg, check_input
 
 SEND_BUFFER = 256 << 10
 RECEIVE_PER_TICK = 64 << 10
@@ -178,7 +179,11 @@ class Gateway:
     def __init__(self, init: GatewayInit, link: trio.SocketStream, decoder: FrameDecoder) -> None:
         self.init = init
         self.config = init.config
-        self.actions = set(init.actions) - {JOIN, LEAVE}
+        self.actions: set[str] = set()
+        self.shapes: dict[str, dict[str, Arg]] = {}
+        self.players = False
+        """Whether a plugin makes player entities (a login is refused otherwise)."""
+        self._adopt(Actions(init.actions, init.shapes, init.players))
         self.link = link
         self.link_decoder = decoder
         self.mirror = Mirror()
@@ -227,10 +232,17 @@ class Gateway:
                 answer = self._requests.pop(message.request, None)
                 if answer is not None:
                     answer.send_nowait(message)
+            elif isinstance(message, Actions):
+                self._adopt(message)
             elif isinstance(message, Kick):
                 client = self.clients.get(message.entity)
                 if client is not None and client.session == message.session:
                     self._end(client, Error(message.code, message.message))
+
+    def _adopt(self, actions: Actions) -> None:
+        """What players may send: at start, and when the plugins' code changed."""
+        self.actions = set(actions.actions) - {JOIN, LEAVE}
+        self.shapes, self.players = actions.shapes, actions.players
 
     async def _ask(self, request: Lookup | Enter) -> Any:
         send, receive = trio.open_memory_channel[Any](1)
@@ -349,7 +361,7 @@ class Gateway:
         if message.action not in self.actions:
             problem = f"input {message.seq}: no action {message.action!r}"
         else:
-            shape = self.init.shapes.get(message.action)
+            shape = self.shapes.get(message.action)
             if shape is None:
                 return message.args
             try:
@@ -464,7 +476,7 @@ class Gateway:
         good login with out-of-date hashing parameters gives the core the
         secret hashed again with the configured ones.
         """
-        if not self.init.players:
+        if not self.players:
             raise Refused("no_players", "no loaded plugin defines player entities")
         name, kdf = login.name, scrypt_parameters(self.config.hash_cost)
         store: list[Any] = []

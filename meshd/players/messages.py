@@ -102,6 +102,16 @@ class Entered:
 
 
 @attrs.define
+class Actions:
+    """Core -> gateway: the plugins' code changed (``meshd reload``): what players may send
+    from now on, as in :class:`GatewayInit`."""
+
+    actions: list[str]
+    shapes: dict[str, dict[str, Arg]]
+    players: bool
+
+
+@attrs.define
 class Kick:
     """Core -> gateway: end session ``session`` of ``entity`` with ``Error(code, message)``."""
 
@@ -164,5 +174,5 @@ class Publish:
     gateway's last ``Publish`` (or it has had none); None otherwise."""
 
 
-CORE_TO_GATEWAY = (GatewayInit, AccountInfo, Entered, Kick, Publish)
+CORE_TO_GATEWAY = (GatewayInit, AccountInfo, Entered, Kick, Publish, Actions)
 GATEWAY_TO_CORE = (GatewayReady, Lookup, Enter, Left, Inputs)

@@ -4,15 +4,19 @@
 and ``meshd.testing`` only: a score in world state from hits on kids that
 different workers own, a timer 60 ticks on, a message to every player. Here
 it runs in-process (one worker against four, ``assert_deterministic``) and
-in a real daemon with a real client, stopped and started again.
+in a real daemon with a real client, stopped and started again; and the
+guide's code is held to be the code that runs here.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +24,16 @@ import attrs
 import cbor2
 import pytest
 import trio
-from conftest import meshd, start_daemon, write_config
+from conftest import REPO, meshd, start_daemon, write_config
 
 from meshd import client
+from meshd.common.config import load_config
+from meshd.mesh.plugins import load_plugin_set
 from meshd.testing import World, assert_deterministic
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "plugins"
 SETTINGS = {"snowfight": {"throw_chance": 0.1}}  # plenty of hits: some kid is always down
+GUIDE = REPO / "docs" / "plugins.md"
 
 
 def snowfight(workers: int = 1) -> World:
@@ -170,3 +177,28 @@ def test_a_client_hears_hits_and_the_score_and_a_pending_timer_survive_a_restart
     later = meta["world"]["snowfight"]
     assert (later["red"], later["blue"]) == _points_against(list(kids.values()))
     assert later["red"] >= score["red"] and later["blue"] >= score["blue"]
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", GUIDE.read_text(), flags=re.S | re.M)
+
+
+def test_the_guides_code_is_the_code_that_runs_here(tmp_path: Path) -> None:
+    """Each Python block of the guide is copied from the game or its tests (a block from
+    inside a function, dedented), except those that show a mistake (``# wrong``)."""
+    sources = [(FIXTURES / "snowfight.py").read_text(), Path(__file__).read_text()]
+    blocks = _blocks("python")
+    assert len(blocks) > 10
+    for block in blocks:
+        compile(block, str(GUIDE), "exec")
+        if block.startswith("# wrong"):
+            continue
+        indented = textwrap.indent(block, "    ")
+        assert any(block in text or indented in text for text in sources), block
+    # its meshd.toml loads the game as `meshd serve` would, halo check included
+    (toml,) = _blocks("toml")
+    (tmp_path / "plugins").mkdir()
+    shutil.copy(FIXTURES / "snowfight.py", tmp_path / "plugins")
+    (tmp_path / "meshd.toml").write_text(toml)
+    plugins = load_plugin_set(load_config(tmp_path / "meshd.toml", environ={}))
+    assert plugins.settings["snowfight"].kids == 8

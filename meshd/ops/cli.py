@@ -28,7 +28,7 @@ from meshd.common.log import configure
 from meshd.mesh.plugins import load_plugin_set
 from meshd.mesh.reload import RELOAD_TIMEOUT
 from meshd.mesh.supervisor import STARTUP_TIMEOUT, WorkerFailed
-from meshd.ops import admin
+from meshd.ops import admin, scaffold
 from meshd.ops.check import DEFAULT_TICKS, CheckFailed, WorldSpec, check, format_report
 from meshd.ops.serve import SOCKET_NAME, StartupError, serve
 from meshd.plugin import PluginError
@@ -50,6 +50,8 @@ bench_app = typer.Typer(
     help="Run a benchmark end to end and print its measured figures.", no_args_is_help=True
 )
 app.add_typer(bench_app, name="bench")
+new_app = typer.Typer(help="Start something new from a commented template.", no_args_is_help=True)
+app.add_typer(new_app, name="new")
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one error, one line, however long
@@ -378,6 +380,28 @@ def check_command(
             console.print(line, highlight=False, markup=False, soft_wrap=True)
     if not report.same:
         raise typer.Exit(1)
+
+
+@new_app.command("plugin")
+def new_plugin_command(
+    name: Annotated[str, typer.Argument(help="The plugin's name: a Python identifier.")],
+    folder: Annotated[
+        Path, typer.Option("--dir", help="Where plugins/, tests/ and meshd.toml go.")
+    ] = Path("."),
+) -> None:
+    """Write a commented plugin, its test, and a meshd.toml that loads it if there is none.
+
+    Exit code 2 for a name that is not a Python identifier, 1 if the plugin or
+    its test exists already (nothing is written then).
+    """
+    try:
+        made = scaffold.new_plugin(name, folder)
+    except scaffold.BadName as exc:
+        raise _fail(str(exc), 2) from None
+    except scaffold.ScaffoldError as exc:
+        raise _fail(str(exc), 1) from None
+    for line in made.report():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 class BotsEngine(StrEnum):

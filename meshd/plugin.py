@@ -91,9 +91,10 @@ class Kind:
     """An entity kind.
 
     ``state`` is a frozen attrs class whose fields hold plain values: None,
-    bool, int (64 bits), finite float, str, bytes, and lists, tuples and
-    dicts with string keys of those (nested at most 32 deep); anything else
-    fails the entity's tick. Frozen does not freeze a list inside: never
+    bool, int (64 bits), finite float, str, bytes, and lists and dicts with
+    string keys of those (at most 15 levels of them inside a field; a tuple
+    is taken, and comes back as a list); anything else fails the entity's
+    tick. Frozen does not freeze a list inside: never
     change one in place (``state.items.append``), give :func:`attrs.evolve`
     a new one (``meshd check`` finds the mistake). ``max_speed`` is in metres
     per simulated second, ``radius`` the farthest (in metres) a system of this

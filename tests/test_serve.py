@@ -352,7 +352,7 @@ def test_a_declared_migration_loads_an_old_world_and_stores_it_in_the_new_form(
     ]
     plugin.write_text(renamed)
     result = meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "1")
-    assert "migrated stored states" in result.stderr
+    assert "converted stored states" in result.stderr
     store = Store(tmp_path / "data" / DB_NAME, readonly=True)
     try:
         states = {row[0]: cbor2.loads(row[5]) for row in store.rows()}

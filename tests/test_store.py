@@ -16,6 +16,7 @@ from meshd.common.wire import CONVERTER
 from meshd.mesh.plugins import load_plugins
 from meshd.store.db import Store
 from meshd.store.schema import SCHEMA_VERSION, StoreError
+from meshd.testing import assert_deterministic
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OLD_WORLDS = {
@@ -91,3 +92,42 @@ def test_a_database_from_a_newer_meshd_is_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path, FIXTURE_WORLD)
     refused = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
     assert refused.returncode == 1 and "use a newer meshd" in refused.stderr
+
+
+LOOSE = """
+import attrs
+from meshd import Kind, Plugin
+
+
+@attrs.frozen
+class Loose:
+    total: float = 0.0  # the system writes ints here
+    count: int = 0  # and a bool here
+    either: int | str = 0
+
+
+def tally(me, ctx):
+    total = me.state.total + 1 if ctx.tick % 3 else int(me.state.total)
+    either = "odd" if ctx.tick % 2 else ctx.tick
+    me.state = attrs.evolve(me.state, total=total, count=ctx.tick % 5 == 0, either=either)
+    me.x = (me.x + me.state.total * ctx.dt) % ctx.world_size
+
+
+def create_world(world):
+    for _ in range(12):
+        world.spawn("loose", world.rng.uniform(0, world.size), world.rng.uniform(0, world.size))
+
+
+plugin = Plugin(
+    name="loose",
+    kinds={"loose": Kind(Loose, systems=(tally,), max_speed=400.0, radius=0.0)},
+    create_world=create_world,
+)
+"""
+
+
+def test_a_restart_restores_states_exactly_as_the_plugin_wrote_them(tmp_path: Path) -> None:
+    """An int in a float field, a bool in an int field, a union: a world stored under the
+    same classes comes back as it ran (before, one refused to load, another changed)."""
+    (tmp_path / "loose.py").write_text(LOOSE)
+    assert_deterministic(["loose"], dirs=[tmp_path], size=50.0, halo=25.0, ticks=24)

@@ -58,10 +58,10 @@ class KindCodec:
         return cls(state_cls, names, getter, kind.migrate)
 
     @property
-    def signature(self) -> tuple[tuple[str, str], ...]:
-        """The state class's fields and their declared types: stored states fit any class
-        with the same signature as they are."""
-        return tuple((field.name, str(field.type)) for field in attrs.fields(self.cls))
+    def signature(self) -> list[list[str]]:
+        """The state class's fields and their declared types (stored with the world): states
+        stored under a class with the same signature are restored exactly as they were."""
+        return [[field.name, str(field.type)] for field in attrs.fields(self.cls)]
 
     def to_wire(self, state: Any) -> tuple[Any, ...]:
         return self._getter(state)
@@ -203,6 +203,13 @@ class PluginSet:
             with contextlib.suppress(OSError):
                 digest.update(Path(name).read_bytes())
         return digest.hexdigest()
+
+    def classes(self) -> dict[str, dict[str, list[list[str]]]]:
+        """The signature of each kind's state class and each plugin's world class."""
+        return {
+            "kinds": {kind: codec.signature for kind, codec in self.codecs.items()},
+            "worlds": {name: codec.signature for name, codec in self.world_codecs.items()},
+        }
 
     def schema(self) -> dict[str, tuple[str, ...]]:
         return {name: codec.fields for name, codec in self.codecs.items()}

@@ -39,6 +39,7 @@ from meshd.store.codec import (
     StoreError,
     WorldSnapshot,
     decode_state,
+    restore_state,
     to_row,
     world_hash,
 )
@@ -137,11 +138,12 @@ class Replication:
         seq, name, data]``, the seq made unique and earliest-sent first (:meth:`commit`)."""
         for due, *event in snapshot.timers:
             self.timers.setdefault(due, []).append(event)
-        self.dirty: set[int] = set()
+        self.dirty: set[int] = set(snapshot.converted)
         self.code = plugins.code_digest()
         """The plugins' code digest, written with each delta."""
+        stored_worlds = snapshot.classes.get("worlds", {})
         self.world_state: dict[str, list[Any]] = {
-            name: _stored_world(name, codec, snapshot.world.get(name, {}))
+            name: _stored_world(name, codec, snapshot.world.get(name, {}), stored_worlds.get(name))
             for name, codec in plugins.world_codecs.items()
         }
         """Each plugin's world state (wire values) as of the last commit."""
@@ -544,6 +546,7 @@ class Replication:
                 old.world_codecs[name].to_dict(self.world_state[name])
                 if name in self.world_state
                 else {},
+                old.world_codecs[name].signature if name in old.world_codecs else None,
             )
             for name, codec in plugins.world_codecs.items()
         }
@@ -651,6 +654,7 @@ class Replication:
             timers=self.stored_timers(),
             code=self.code,
             world=self.world_fields(),
+            classes=self.plugins.classes(),
         )
         self.dirty = set()
         self.deleted = set()
@@ -684,9 +688,15 @@ class Replication:
         )
 
 
-def _stored_world(plugin: str, codec: KindCodec, stored: dict[str, Any]) -> list[Any]:
-    """A plugin's stored world state as its world class has it now (fields it no longer
-    has are dropped, new ones take their defaults)."""
+def _stored_world(
+    plugin: str, codec: KindCodec, stored: dict[str, Any], stored_signature: Any
+) -> list[Any]:
+    """A plugin's stored world state as its world class has it now: exactly as stored under
+    the same class (:func:`restore_state`); else converted, fields it no longer has dropped
+    and new ones taking their defaults."""
+    exact = restore_state(stored, codec, stored_signature)
+    if exact is not None:
+        return list(exact)
     try:
         known = {name: value for name, value in stored.items() if name in codec.fields}
         return list(codec.from_dict(known, CONVERTER))

@@ -134,7 +134,9 @@ def load_or_create(
     if snapshot is not None:
         return snapshot, False
     records = create_world(plugins, world)
-    return WorldSnapshot(0, world.seed, len(records) + 1, records, []), True
+    created = WorldSnapshot(0, world.seed, len(records) + 1, records, [])
+    created.converted = [record[0] for record in records]  # all of it is to store
+    return created, True
 
 
 def _heal_or_warn(snapshot: WorldSnapshot, plugins: PluginSet) -> None:
@@ -153,22 +155,6 @@ def _heal_or_warn(snapshot: WorldSnapshot, plugins: PluginSet) -> None:
             "restart, or `meshd release --all`",
             entities=snapshot.quarantined,
         )
-
-
-def _migrated_delta(snapshot: WorldSnapshot) -> Delta:
-    """The entities a kind's ``migrate`` changed on loading, rewritten at the loaded tick."""
-    migrated = set(snapshot.migrated)
-    return Delta(
-        tick=snapshot.tick,
-        seed=snapshot.seed,
-        next_id=snapshot.next_id,
-        events=snapshot.events,
-        upserts=[record for record in snapshot.records if record[0] in migrated],
-        deletes=[],
-        quarantined=snapshot.quarantined,
-        timers=snapshot.timers,
-        code=snapshot.code,
-    )
 
 
 async def serve(
@@ -206,21 +192,16 @@ async def serve(
             )
         world = world_params(config, seed=snapshot.seed)
         if created:
-            store.write(
-                Delta(0, world.seed, snapshot.next_id, [], snapshot.records, []), plugins.schema()
-            )
             log.info("created a new world", entities=len(snapshot.records), seed=world.seed)
         else:
             log.info("loaded world", tick=snapshot.tick, entities=len(snapshot.records))
+        if snapshot.converted and not created:
+            log.info(
+                "converted stored states to the plugins' state classes",
+                entities=len(snapshot.converted),
+            )
         if snapshot.quarantined:
             _heal_or_warn(snapshot, plugins)
-        if snapshot.migrated:
-            # Stored in the new form at once, so the migration never has to run again.
-            store.write(_migrated_delta(snapshot), plugins.schema())
-            log.info(
-                "migrated stored states to the plugins' state classes",
-                entities=len(snapshot.migrated),
-            )
         dynamic = config.mesh.mode == "dynamic"
         workers = config.mesh.min_workers if dynamic else config.mesh.workers
         layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
@@ -239,6 +220,9 @@ async def serve(
             quarantine_after=config.supervise.quarantine_after,
             cell_size=cell_size(config.gateway) if players else 0.0,
         )
+        if snapshot.converted or snapshot.classes != plugins.classes():
+            # A new world, or states in new classes: stored at once, converted never again.
+            store.write(replication.take_delta(), plugins.schema())
         planner = Planner(planner_settings(config), layout, snapshot.tick) if dynamic else None
         supervisor = Supervisor(
             Init(

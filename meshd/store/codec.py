@@ -40,8 +40,13 @@ class WorldSnapshot:
     """The plugins' code digest when the world was last written ("" before meshd kept it)."""
     world: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     """Each plugin's world state, as a field map."""
-    migrated: list[int] = attrs.field(factory=list)
-    """Entities whose stored state went through their kind's ``migrate`` on loading."""
+    converted: list[int] = attrs.field(factory=list)
+    """Entities to store (again) before the first tick: converted to their kind's class on
+    loading (the class changed, or the world is from before meshd kept the classes), or
+    every entity of a world just created."""
+    classes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """The state classes' signatures the world was written under (``PluginSet.classes``;
+    empty before meshd kept them)."""
 
 
 @attrs.define
@@ -62,6 +67,8 @@ class Delta:
     """Each plugin's world state, as a field map."""
     players: list[tuple[str, int]] = attrs.field(factory=list)
     """Players' new entities: (name, entity id); their accounts are already stored."""
+    classes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """The state classes' signatures the states are in (``PluginSet.classes``)."""
 
 
 class StateCodec(Protocol):
@@ -72,6 +79,9 @@ class StateCodec(Protocol):
 
     @property
     def fields(self) -> tuple[str, ...]: ...
+
+    @property
+    def signature(self) -> list[list[str]]: ...
 
     @property
     def migrate(self) -> Callable[[dict[str, Any]], dict[str, Any]] | None: ...
@@ -117,11 +127,13 @@ def world_hash(
 def decode_state(
     entity_id: int, kind: str, data: Any, codec: StateCodec
 ) -> tuple[tuple[Any, ...], bool]:
-    """A stored entity's state as its kind's class has it now, and whether it was migrated;
-    what to do if it cannot be.
+    """A stored entity's state converted to its kind's class as it is now, and whether it
+    was migrated; what to do if it cannot be.
 
-    A state that does not fit the class as it is goes through the kind's
-    ``migrate``, if it has one.
+    The values are converted to the class's field types; a state that does
+    not fit the class as it is goes through the kind's ``migrate``, if it has
+    one. (A state stored under the same class is not converted: see
+    :func:`restore_state`.)
     """
     entity = f"stored entity {entity_id} (kind {kind!r})"
     try:
@@ -135,6 +147,17 @@ def decode_state(
         raise StoreError(f"{entity}, migrated by its kind's migrate, {misfit}") from None
     except Exception as exc:
         raise StoreError(f"{entity}: its kind's migrate failed: {exc!r}") from None
+
+
+def restore_state(data: Any, codec: StateCodec, stored_signature: Any) -> tuple[Any, ...] | None:
+    """A stored state exactly as the plugin wrote it (an ``int`` in a ``float`` field stays an
+    ``int``), if it was stored under a class with the same signature; else None (convert it
+    with :func:`decode_state`). So a restart continues the very world that stopped."""
+    if stored_signature != codec.signature or not isinstance(data, Mapping):
+        return None
+    if data.keys() != set(codec.fields):
+        return None
+    return tuple(data[name] for name in codec.fields)
 
 
 class _Misfit(Exception):

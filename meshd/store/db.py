@@ -19,7 +19,15 @@ from typing import Any
 
 import cbor2
 
-from meshd.store.codec import Delta, Row, StateCodec, WorldSnapshot, decode_state, to_row
+from meshd.store.codec import (
+    Delta,
+    Row,
+    StateCodec,
+    WorldSnapshot,
+    decode_state,
+    restore_state,
+    to_row,
+)
 from meshd.store.schema import FORMAT, NO_ENTITY, StoreError, columns, prepare, version
 
 DB_NAME = "world.db"
@@ -96,17 +104,21 @@ class Store:
         meta = self.meta()
         if not meta:
             return None
-        records, migrated = [], []
+        records, converted = [], []
+        classes = meta.get("classes", {})
+        stored = classes.get("kinds", {})
         for entity_id, kind, x, y, z, state in self.rows():
             codec = codecs.get(kind)
             if codec is None:
                 raise StoreError(
                     f"stored entity {entity_id} has kind {kind!r}, which no plugin defines"
                 )
-            values, changed = decode_state(entity_id, kind, cbor2.loads(state), codec)
+            data = cbor2.loads(state)
+            values = restore_state(data, codec, stored.get(kind))
+            if values is None:
+                values, _migrated = decode_state(entity_id, kind, data, codec)
+                converted.append(entity_id)
             records.append([entity_id, kind, x, y, z, values])
-            if changed:
-                migrated.append(entity_id)
         return WorldSnapshot(
             meta["tick"],
             meta["seed"],
@@ -117,7 +129,8 @@ class Store:
             meta.get("timers", []),  # none before timers existed
             meta.get("code", ""),
             meta.get("world", {}),
-            migrated,
+            converted,
+            classes,
         )
 
     def put_account(self, name: str, salt: bytes, digest: bytes, kdf: str) -> None:
@@ -147,6 +160,8 @@ class Store:
             "code": delta.code,
             "world": delta.world,
         }
+        if delta.classes:
+            meta["classes"] = delta.classes
         with self._transaction() as db:
             db.executemany("INSERT OR REPLACE INTO entity VALUES (?, ?, ?, ?, ?, ?)", rows)
             db.executemany("DELETE FROM entity WHERE id = ?", [(i,) for i in delta.deletes])

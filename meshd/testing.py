@@ -205,6 +205,12 @@ class World:
             if kind is None or records[entity_id][1] == kind
         ]
 
+    def worker_of(self, entity_id: int) -> int:
+        """The worker that simulates entity ``entity_id`` now (which one depends on
+        ``workers`` and where the entity is; a plugin must not care, a test may).
+        Raises :class:`KeyError` if there is no such entity."""
+        return self._mesh.replication.owner[entity_id]
+
     def world_state(self, plugin: str) -> Any:
         """``plugin``'s world state as of the last tick (its ``Plugin.world`` class)."""
         codec = self.plugins.world_codecs[plugin]

@@ -87,9 +87,7 @@ def test_hits_on_kids_of_different_workers_add_up_to_the_same_score_as_on_one() 
     )
     assert score.red > 0 and score.blue > 0
     # Who scored: the kids that were hit, each sending its point from its own worker.
-    # (meshd.testing does not say which worker owns an entity: the mesh's table does.)
-    owner = four._mesh.replication.owner
-    assert len({owner[k.id] for k in four.entities("kid") if k.state.hits}) >= 2
+    assert len({four.worker_of(k.id) for k in four.entities("kid") if k.state.hits}) >= 2
 
 
 def _points_against(kids: list[dict[str, Any]]) -> tuple[int, int]:

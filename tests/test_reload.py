@@ -155,7 +155,7 @@ def test_reload_while_bots_play_loses_no_player_and_no_tick(tmp_path: Path) -> N
         }
         bots = subprocess.Popen(
             [sys.executable, "-m", "meshd", "bots", "--connect", f"{host}:{port}", "--count", "30",
-             "--duration", "6", "--scenario", "wander", "--engine", "native", "--json"],
+             "--duration", "6", "--scenario", "crowd", "--engine", "native", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         seen: list[tuple[int, int]] = []  # (view tick, the code that made my entity's state)
@@ -191,6 +191,7 @@ def test_reload_while_bots_play_loses_no_player_and_no_tick(tmp_path: Path) -> N
     summary = json.loads(out)
     assert summary["connected"] == 30 and summary["disconnects"] == 0, err
     assert summary["tick_gaps"] == 0
+    assert summary["bad_inputs"] == 0  # the bots' moves fit the plugin's declared [-1, 1]
     ticks = [view_tick for view_tick, _code in seen]
     assert ticks == list(range(ticks[0], ticks[-1] + 1)), "the watcher missed a tick"
     codes = {view_tick: code for view_tick, code in seen}

@@ -58,6 +58,8 @@ class BotStats:
     reconnect_gaps: int = 0
     """Views after a reconnect whose tick did not follow the last one before it."""
     missing_self: int = 0
+    bad_inputs: int = 0
+    """Inputs the server refused (``bad_input``); the connection stays."""
     first_view: float = 0.0
     last_view: float = 0.0
     rtts: list[float] = attrs.field(factory=list)
@@ -75,7 +77,22 @@ def _heading(
     target: tuple[float, float],
     rng: random.Random,
 ) -> tuple[float, float]:
-    """The direction a bot walks now (not normalised; (0, 0) stops)."""
+    """The direction a bot walks now, at most unit length (plugins may declare ``dx`` and
+    ``dy`` within [-1, 1]); (0, 0) stops."""
+    dx, dy = _direction(scenario, player, elapsed, duration, target, rng)
+    length = math.hypot(dx, dy)
+    return (dx / length, dy / length) if length > 1.0 else (dx, dy)
+
+
+def _direction(
+    scenario: str,
+    player: Player,
+    elapsed: float,
+    duration: float,
+    target: tuple[float, float],
+    rng: random.Random,
+) -> tuple[float, float]:
+    """Where a bot heads in its scenario (any length)."""
     me = player.world.get(player.entity)
     size = player.welcome.world_size
     if me is None:
@@ -159,6 +176,7 @@ async def run_bot(
                     first = first.exceptions[0]
                 stats.disconnected = str(first)
     stats.rtts = player.rtts
+    stats.bad_inputs = len(player.bad_inputs)
     stats.reconnects = player.reconnects
     stats.reconnect_ms = player.reconnect_ms
     stats.entity_changed = stats.entity_changed or player.entity != stats.entity
@@ -261,6 +279,7 @@ async def run_bots(
         },
         "entity_changed": sum(1 for s in stats if s.entity_changed),
         "reconnect_gaps": sum(s.reconnect_gaps for s in stats),
+        "bad_inputs": sum(s.bad_inputs for s in stats),
     }
     if per_bot:
         summary["per_bot"] = [

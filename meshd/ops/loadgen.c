@@ -66,6 +66,7 @@ typedef struct {
     uint8_t *buf;
     size_t len, cap;
     uint64_t entity, first_entity, seq, last_tick, views, gaps, reconnect_gaps, missing_self;
+    uint64_t bad_inputs; /* inputs the server refused (`bad_input`): the connection stays */
     int has_tick, self_in_view, knows_self, after_reconnect, entity_changed;
     double x, y, hx, hy;
     double next_move, next_ping, first_view, last_view;
@@ -154,7 +155,10 @@ static int send_login(Bot *b) {
     return send_frame(b, out, (size_t)(p - out - 4));
 }
 
+/* A move's direction is at most unit length: plugins may declare dx and dy within [-1, 1]. */
 static int send_move(Bot *b, double dx, double dy) {
+    double length = hypot(dx, dy);
+    if (length > 1.0) dx /= length, dy /= length;
     uint8_t out[128], *p = out + 4;
     p += put_head(p, 5, 4);
     p += put_text(p, "seq"); p += put_head(p, 0, ++b->seq);
@@ -492,7 +496,10 @@ static void on_frame(Bot *b, const uint8_t *body, size_t n, double t) {
         memcpy(b->resume, resume, sizeof resume); /* always the latest (none: the secret alone) */
         if (b->phase == LOGGING_IN || b->phase == RECONNECTING) welcomed(b, player, t);
     } else if (is(type, type_n, "Error")) {
-        if (!strcmp(code, "bad_input")) return; /* that input was dropped; the connection stays */
+        if (!strcmp(code, "bad_input")) { /* that input was dropped; the connection stays */
+            b->bad_inputs++;
+            return;
+        }
         char reason[sizeof b->reason];
         snprintf(reason, sizeof reason, "%s: %.*s", code, (int)(sizeof reason / 2), message);
         /* "not right now" while coming back: another try (the others come back too) */
@@ -704,12 +711,13 @@ int main(int argc, char **argv) {
     int connected = 0, disconnects = 0, n_rates = 0, n_rtts = 0, n_ms = 0;
     int reconnects = 0, reconnected_bots = 0, entity_changed = 0;
     double rate_sum = 0, rate_min = INFINITY;
-    uint64_t gaps = 0, reconnect_gaps = 0, missing = 0;
+    uint64_t gaps = 0, reconnect_gaps = 0, missing = 0, bad_inputs = 0;
     for (int i = 0; i < count; i++) {
         Bot *b = &bots[i];
         connected += b->connected;
         disconnects += b->reason[0] != 0;
         gaps += b->gaps, reconnect_gaps += b->reconnect_gaps, missing += b->missing_self;
+        bad_inputs += b->bad_inputs;
         n_rtts += b->n_rtts, n_ms += b->n_reconnect_ms;
         reconnects += b->reconnects, reconnected_bots += b->reconnects > 0;
         entity_changed += b->entity_changed;
@@ -748,10 +756,11 @@ int main(int argc, char **argv) {
            "\"updates_per_s_min\": %.2f, \"tick_gaps\": %llu, \"missing_self\": %llu, "
            "\"rtt_ms\": {\"p50\": %.2f, \"p99\": %.2f}, \"reconnects\": %d, "
            "\"reconnected_bots\": %d, \"reconnect_ms\": {\"p50\": %.2f, \"max\": %.2f}, "
-           "\"entity_changed\": %d, \"reconnect_gaps\": %llu}\n",
+           "\"entity_changed\": %d, \"reconnect_gaps\": %llu, \"bad_inputs\": %llu}\n",
            connect_s, duration, n_rates ? rate_sum / n_rates : 0.0, n_rates ? rate_min : 0.0,
            (unsigned long long)gaps, (unsigned long long)missing, quantile(rtts, n_rtts, 0.5),
            quantile(rtts, n_rtts, 0.99), reconnects, reconnected_bots, quantile(ms, n_ms, 0.5),
-           n_ms ? ms[n_ms - 1] : 0.0, entity_changed, (unsigned long long)reconnect_gaps);
+           n_ms ? ms[n_ms - 1] : 0.0, entity_changed, (unsigned long long)reconnect_gaps,
+           (unsigned long long)bad_inputs);
     return 0;
 }

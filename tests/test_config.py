@@ -38,6 +38,17 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
     assert config.mesh.workers == 2  # default
 
 
+def test_a_relative_data_folder_is_beside_the_config_file(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "game"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config(write(folder, ""), environ={}).data_dir == folder / "data"
+    named = load_config(write(folder, '[data]\ndir = "worlds/one"\n'), environ={})
+    assert named.data_dir == folder / "worlds" / "one"
+    from_flag = load_config(write(folder, ""), environ={}, overrides={"data.dir": "here"})
+    assert from_flag.data_dir == Path("here")  # a flag's or variable's: from where meshd runs
+
+
 def test_plugin_tables_become_plugin_settings(tmp_path: Path) -> None:
     path = write(tmp_path, '[plugins]\nload = ["tavern"]\n[plugins.tavern]\nnpcs = 12\n')
     config = load_config(path, environ={})

@@ -379,6 +379,14 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {chosen} is not valid TOML: {exc}") from None
         base_dir = chosen.resolve().parent
+        data = raw.get("data")
+        if data is None or isinstance(data, dict):
+            # The world lives beside its config file, wherever meshd is started from (a
+            # folder given by the environment or a flag is taken from the current one).
+            data = raw["data"] = dict(data or {})
+            folder = data.get("dir", DataConfig().dir)
+            if isinstance(folder, str) and not Path(folder).is_absolute():
+                data["dir"] = str(base_dir / folder)
     from_env, plugin_variables = env_overrides(os.environ if environ is None else environ)
     _apply(raw, from_env)
     _apply(raw, {key: value for key, value in (overrides or {}).items() if value is not None})

@@ -113,6 +113,9 @@ class Kind:
     max_speed: float = 0.0
     radius: float = 0.0
     migrate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    colour: str = ""
+    """How ``meshd inspect map`` draws this kind: a matplotlib colour (``"tab:red"``,
+    ``"#e4572e"``); empty, the next of the map's palette."""
 
 
 @attrs.frozen

@@ -342,7 +342,9 @@ plugin = Plugin(
         "patron": Kind(Patron, systems=(patron,), max_speed=RUN_SPEED, radius=PERCEPTION),
         "bottle": Kind(Bottle, systems=(bottle,), max_speed=BOTTLE_SPEED, radius=BOTTLE_HIT_RADIUS),
         "mug": Kind(Mug),
-        "player": Kind(Player, systems=(player,), max_speed=PLAYER_SPEED, radius=REACH),
+        "player": Kind(
+            Player, systems=(player,), max_speed=PLAYER_SPEED, radius=REACH, colour="crimson"
+        ),
     },
     events={"bottle_hit": on_bottle_hit, "pick_up": on_mug_picked, "got_mug": on_got_mug},
     create_world=create_world,

@@ -167,6 +167,7 @@ def map_view(core: Core) -> dict[str, Any]:
             for leaf, worker in sorted(repl.layout.owners.items())
         ],
         "entities": [[record[2], record[3], record[1]] for record in repl.records.values()],
+        "colours": {name: kind.colour for name, kind in core.plugins.kinds.items() if kind.colour},
     }
 
 

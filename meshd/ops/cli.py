@@ -255,10 +255,13 @@ def inspect_map(
     data: DataOption = None,
 ) -> None:
     """Draw the world: partitions coloured by worker, entities as dots."""
-    from meshd.ops.plots import draw_map
+    from meshd.ops.plots import MapError, draw_map
 
     result = _ask(config, data, admin.AdminRequest("map"))
-    draw_map(result, png)
+    try:
+        draw_map(result, png)
+    except MapError as exc:
+        raise _fail(str(exc), 1) from None
     errors.print(f"wrote {png} (tick {result['tick']})", highlight=False)
 
 

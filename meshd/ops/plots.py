@@ -13,11 +13,24 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no screen needed
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 
+class MapError(Exception):
+    """The map cannot be drawn as asked (a plugin named a colour matplotlib does not know)."""
+
+
 def draw_map(view: Mapping[str, Any], path: Path) -> None:
-    """Partitions as squares coloured by worker; entities as dots, a colour per kind."""
+    """Write :func:`map_figure` of ``view`` to ``path``. Raises :class:`MapError`."""
+    figure = map_figure(view)
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+
+
+def map_figure(view: Mapping[str, Any]) -> Figure:
+    """Partitions as squares coloured by worker; entities as dots, a colour per kind (the
+    plugin's ``Kind.colour``, else the next of a palette). Raises :class:`MapError`."""
     size = view["size"]
     palette = plt.get_cmap("tab10")
     figure, axes = plt.subplots(figsize=(8, 8), dpi=100)
@@ -32,10 +45,15 @@ def draw_map(view: Mapping[str, Any], path: Path) -> None:
     for x, y, kind in view["entities"]:
         by_kind.setdefault(kind, []).append((x, y))
     kinds_palette = plt.get_cmap("Dark2")
+    named = view.get("colours", {})
+    for kind, colour in sorted(named.items()):
+        if not matplotlib.colors.is_color_like(colour):
+            plt.close(figure)
+            raise MapError(f"kind {kind!r}: colour {colour!r} is not a colour matplotlib knows")
     dots = []
     for index, (kind, points) in enumerate(sorted(by_kind.items())):
         xs, ys = zip(*points, strict=True)
-        colour = kinds_palette(index % 8)
+        colour = named.get(kind) or kinds_palette(index % 8)
         dots.append(axes.scatter(xs, ys, s=3, color=colour, linewidths=0, label=kind))
     workers_legend = axes.legend(
         [Rectangle((0, 0), 1, 1, color=palette(i % 10), alpha=0.5) for i in range(len(workers))],
@@ -53,8 +71,7 @@ def draw_map(view: Mapping[str, Any], path: Path) -> None:
         f"tick {view['tick']}: {len(view['entities'])} entities, "
         f"{len(view['partitions'])} partitions, {len(workers)} workers"
     )
-    figure.savefig(path, bbox_inches="tight")
-    plt.close(figure)
+    return figure
 
 
 def draw_timeline(

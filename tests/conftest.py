@@ -38,7 +38,14 @@ def write_config(folder: Path, world: dict[str, Any], name: str = "meshd.toml") 
     sections = {key: dict(value) for key, value in world.items()}
     sections.setdefault("data", {}).setdefault("dir", str(folder / "data"))
     sections.setdefault("plugins", {}).setdefault("dirs", [str(PLUGINS)])
-    sections.setdefault("gateway", {}).setdefault("listen", "127.0.0.1:0")  # any free port
+    gateway = sections.setdefault("gateway", {})
+    gateway.setdefault("listen", "127.0.0.1:0")  # any free port
+    # Logins cheap, short secrets allowed, and every bot from this one host welcome: tests
+    # log in a lot (the defaults are tested on their own, from several loopback addresses).
+    gateway.setdefault("hash_cost", 10)
+    gateway.setdefault("min_secret", 1)
+    gateway.setdefault("max_pending_per_address", 256)
+    gateway.setdefault("max_players_per_address", 4000)
     lines = []
     for section, table in sections.items():
         nested = {k: v for k, v in table.items() if isinstance(v, dict)}

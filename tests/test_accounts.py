@@ -76,7 +76,7 @@ def test_a_welcomed_name_survives_a_crash_before_the_next_write(tmp_path: Path) 
         log_in(config, "bea", "first")
         daemon.kill()  # SIGKILL: the world since the start is not written
         daemon.wait(timeout=10)
-        assert accounts(config)["bea"] == ("scrypt:4096:8:1", 0)  # name held; no entity yet
+        assert accounts(config)["bea"] == ("scrypt:1024:8:1", 0)  # name held; no entity yet
         daemon = start_daemon(config, "--rate", "30")
         with pytest.raises(client.ServerError, match="auth"):
             log_in(config, "bea", "someone else")  # nobody else can take the name

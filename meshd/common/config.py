@@ -101,16 +101,40 @@ class GatewayConfig:
     view_every: int = 1
     """Send each player a view update every this many ticks."""
     max_clients: int = 2000
+    """Players in the world at once (connections still logging in count apart)."""
     login_timeout: float = 5.0
+    """Seconds from connecting to the ``Welcome``: the whole login, hashing included."""
+    max_pending: int = 256
+    """Connections still logging in, per gateway process..."""
+    max_pending_per_address: int = 8
+    """...and from one address (``address_prefix_v4`` / ``_v6``)."""
+    max_players_per_address: int = 64
+    address_prefix_v4: int = 32
+    address_prefix_v6: int = 64
+    """Addresses are counted by prefix: one IPv4 host, one IPv6 /64 by default."""
+    login_failures: int = 5
+    """Failed logins from an address (or for one name from it) before each further attempt
+    from there waits, twice as long after each failure (up to 5 minutes)."""
     input_rate: float = 30.0
     """Inputs per second a connection may send on average (token bucket)..."""
     input_burst: int = 60
     """...and at most this many at once."""
+    input_bytes_rate: float = 4096.0
+    """Bytes per second a connection may send on average (charged as they arrive, before
+    anything is decoded)..."""
+    input_bytes_burst: int = 16384
+    """...and at most this many at once."""
     send_queue: int = 32
     """Messages queued for a player before it counts as too slow and is dropped."""
-    hash_cost: int = 12
-    """log2 of scrypt's N for player secrets (12 = 4 MiB, about 15 ms per login here;
-    each step up doubles both, and the time every login takes)."""
+    hash_cost: int = 17
+    """log2 of scrypt's N for player secrets (17, with r = 8 and p = 1, is the current
+    recommendation: 128 MiB and about a third of a second of a core per login by secret;
+    each step down halves both). Stored with each account; an account hashed with other
+    parameters is hashed again at its next login."""
+    hash_threads: int = 0
+    """Secrets hashed at once per gateway process (0: one per CPU); more wait their turn."""
+    min_secret: int = 8
+    """Characters a new name's secret needs at least."""
 
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
@@ -348,6 +372,26 @@ def _validate(config: Config) -> list[str]:
     need(gateway.input_burst >= 1, "gateway.input_burst", "a count >= 1", gateway.input_burst)
     need(gateway.send_queue >= 1, "gateway.send_queue", "a count >= 1", gateway.send_queue)
     need(10 <= gateway.hash_cost <= 20, "gateway.hash_cost", "10..20", gateway.hash_cost)
+    need(gateway.max_pending >= 1, "gateway.max_pending", "a count >= 1", gateway.max_pending)
+    for key in ("max_pending_per_address", "max_players_per_address", "login_failures"):
+        need(getattr(gateway, key) >= 1, f"gateway.{key}", "a count >= 1", getattr(gateway, key))
+    for key, bits in (("address_prefix_v4", 32), ("address_prefix_v6", 128)):
+        value = getattr(gateway, key)
+        need(1 <= value <= bits, f"gateway.{key}", f"prefix bits 1..{bits}", value)
+    need(
+        gateway.input_bytes_rate > 0,
+        "gateway.input_bytes_rate",
+        "bytes per second > 0",
+        gateway.input_bytes_rate,
+    )
+    need(
+        gateway.input_bytes_burst >= 1024,
+        "gateway.input_bytes_burst",
+        "bytes >= 1024 (one input)",
+        gateway.input_bytes_burst,
+    )
+    need(0 <= gateway.hash_threads <= 64, "gateway.hash_threads", "0..64", gateway.hash_threads)
+    need(1 <= gateway.min_secret <= 128, "gateway.min_secret", "1..128", gateway.min_secret)
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
 

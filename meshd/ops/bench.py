@@ -611,7 +611,9 @@ def _players_config(folder: Path, players: int, rate: float, gateways: int = 0) 
         "[gateway]",
         'listen = "127.0.0.1:0"',
         f"max_clients = {players + 100}",
-        "hash_cost = 10",
+        "hash_cost = 10",  # logins are not what this measures
+        "max_pending_per_address = 256",  # every bot comes from this host
+        f"max_players_per_address = {players + 100}",
         *([f"processes = {gateways}"] if gateways > 0 else []),
         "[log]",
         'level = "warning"',

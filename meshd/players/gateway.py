@@ -59,6 +59,7 @@ from meshd.players.accounts import (
     resumed_entity,
     scrypt_parameters,
 )
+from meshd.players.door import Door, Limits
 from meshd.players.messages import (
     CORE_TO_GATEWAY,
     AccountInfo,
@@ -75,7 +76,8 @@ from meshd.players.messages import (
 )
 from meshd.players.ports import open_listeners
 from meshd.players.protocol import (
-    MAX_CLIENT_FRAME,
+    MAX_LOGIN_FRAME,
+    MAX_PLAYING_FRAME,
     PROTOCOL_VERSION,
     Error,
     Input,
@@ -124,6 +126,9 @@ class Client:
     """Bytes received and not yet a whole frame (the login's leftovers first)."""
     send_queue: int
     tokens: float
+    """Messages it may still send now (``gateway.input_rate`` / ``input_burst``)..."""
+    byte_tokens: float
+    """...and bytes (``input_bytes_rate`` / ``input_bytes_burst``)."""
     refilled: float
     acked: int = 0
     """The ``seq`` of the last input whose tick the views have reached."""
@@ -173,6 +178,24 @@ class Client:
                 )
 
 
+@attrs.define
+class _Visit:
+    """One connection's standing at the :class:`Door`: its address group, and whether it
+    was admitted as a player."""
+
+    group: str
+    admitted: bool = False
+
+
+@attrs.frozen
+class _Proof:
+    """A login proven: whether the name is new, and what the core stores for it
+    (``[salt, hash, parameters]``, or nothing)."""
+
+    new: bool
+    store: list[Any]
+
+
 class Gateway:
     """One gateway process's players: connections, logins, inputs and views."""
 
@@ -206,7 +229,19 @@ class Gateway:
         self._request_ids = itertools.count(1)
         self._sessions = itertools.count(1)
         self._outbox_send, self._outbox = trio.open_memory_channel[bytes](float("inf"))
-        self._hashing = trio.CapacityLimiter(1)
+        self._hashing = trio.CapacityLimiter(init.config.hash_threads or os.cpu_count() or 1)
+        self._hash_turns: dict[str, trio.Lock] = {}
+        """Per address group: whose turn it is to hash (see :meth:`_hash`)."""
+        self.door = Door(
+            Limits(
+                max_pending=init.config.max_pending,
+                max_pending_per_address=init.config.max_pending_per_address,
+                max_players_per_address=init.config.max_players_per_address,
+                prefix_v4=init.config.address_prefix_v4,
+                prefix_v6=init.config.address_prefix_v6,
+                login_failures=init.config.login_failures,
+            )
+        )
         self._log = get_logger(component="gateway", gateway=init.gateway)
 
     # -- the link to the core ---------------------------------------------
@@ -317,13 +352,22 @@ class Gateway:
             if data == b"":
                 client.close()
                 return
-            if data:
-                client.decoder.feed(data)
+        else:
+            data = None
         config = self.config
-        client.tokens = min(
-            config.input_burst, client.tokens + (now - client.refilled) * config.input_rate
+        elapsed = now - client.refilled
+        client.tokens = min(config.input_burst, client.tokens + elapsed * config.input_rate)
+        client.byte_tokens = min(
+            config.input_bytes_burst, client.byte_tokens + elapsed * config.input_bytes_rate
         )
         client.refilled = now
+        if data:
+            # Charged as they arrive, before anything is decoded.
+            client.byte_tokens -= len(data)
+            if client.byte_tokens < 0:
+                client.close(Error("flood", f"more than {config.input_bytes_rate:g} bytes/s"))
+                return
+            client.decoder.feed(data)
         last_seq = 0
         try:
             for body in client.decoder.frames():
@@ -427,29 +471,35 @@ class Gateway:
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Bounded kernel buffers too: a reader that stalls is noticed within a second or two.
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        self.connections += 1
-        try:
-            async with stream:
-                await self._connection(stream)
-        except Exception:
-            # Whatever one connection does, it ends that connection only.
-            self._log.exception("player connection failed")
-        finally:
-            self.connections -= 1
+        visit = _Visit(self.door.group(stream.socket.getpeername()[0]))
+        async with stream:
+            refused = self.door.arrive(visit.group)
+            if refused is not None:
+                await self._refuse(stream, refused.code, refused.message)
+                return
+            self.connections += 1
+            try:
+                await self._connection(stream, visit)
+            except Exception:
+                # Whatever one connection does, it ends that connection only.
+                self._log.exception("player connection failed")
+            finally:
+                self.connections -= 1
+                self.door.gone(visit.group, admitted=visit.admitted)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        decoder = FrameDecoder(MAX_CLIENT_FRAME)
+    async def _connection(self, stream: trio.SocketStream, visit: _Visit) -> None:
+        decoder = FrameDecoder(MAX_LOGIN_FRAME)
         session = next(self._sessions)
         try:
-            if self.connections > self.config.max_clients:
-                raise Refused("full", f"the server takes {self.config.max_clients} connections")
+            # The whole proof within the deadline: the frame, the checks, the hashing.
             with trio.fail_after(self.config.login_timeout):
                 login = decode_client(await receive_frame(stream, decoder))
-            if not isinstance(login, Login):
-                raise Refused("login_first", "the first message must be a login")
-            if login.version != PROTOCOL_VERSION:
-                raise Refused("version", f"this server speaks protocol {PROTOCOL_VERSION}")
-            entity = await self._log_in(login, session)
+                if not isinstance(login, Login):
+                    raise Refused("login_first", "the first message must be a login")
+                if login.version != PROTOCOL_VERSION:
+                    raise Refused("version", f"this server speaks protocol {PROTOCOL_VERSION}")
+                proof = await self._prove(login, visit.group)
+            entity = await self._enter(login.name, session, proof, visit)
         except trio.TooSlowError:
             await self._refuse(stream, "login_timeout", "no login in time")
             return
@@ -461,6 +511,7 @@ class Gateway:
             return
         except EOFError:
             return
+        decoder.max_frame = MAX_PLAYING_FRAME
         await self._play(stream, decoder, login.name, entity, session)
 
     async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
@@ -468,42 +519,77 @@ class Gateway:
         with trio.move_on_after(1.0):
             await stream.send_all(encode_frame(Error(code, message)))
 
-    async def _log_in(self, login: Login, session: int) -> int:
-        """Check ``login`` (its resume token, else its secret); the player's entity id.
+    async def _prove(self, login: Login, group: str) -> _Proof:
+        """Check ``login`` (its resume token, else its secret) before it may enter.
 
-        A new name is stored by the core (durably) before its entity is made,
-        so a player who was welcomed keeps the name whatever happens next. A
-        good login with out-of-date hashing parameters gives the core the
-        secret hashed again with the configured ones.
+        A good login with out-of-date hashing parameters gives the core the
+        secret hashed again with the configured ones; a new name's secret
+        hashed. A wrong secret counts against the address (:class:`Door`).
         """
         if not self.players:
             raise Refused("no_players", "no loaded plugin defines player entities")
         name, kdf = login.name, scrypt_parameters(self.config.hash_cost)
-        store: list[Any] = []
-        new = False
-        key = self.init.resume_key
-        if not (login.resume and resumed_entity(key, name, login.resume) is not None):
-            account = await self._ask(Lookup(next(self._request_ids), name))
-            assert isinstance(account, AccountInfo)
-            if account.found:
-                digest = await self._hash(login.secret, account.salt, account.kdf or kdf)
-                if not hmac.compare_digest(digest, account.digest):
-                    raise Refused("auth", f"wrong secret for {name!r}")
-                if account.kdf != kdf:
-                    salt = os.urandom(SALT_BYTES)
-                    store = [salt, await self._hash(login.secret, salt, kdf), kdf]
-            else:
-                new = True
-                salt = os.urandom(SALT_BYTES)
-                store = [salt, await self._hash(login.secret, salt, kdf), kdf]
-        entered = await self._ask(Enter(next(self._request_ids), name, session, new, store))
+        if login.resume and resumed_entity(self.init.resume_key, name, login.resume) is not None:
+            return _Proof(new=False, store=[])
+        refused = self.door.may_try(group, name, time.monotonic())
+        if refused is not None:
+            raise refused
+        account = await self._ask(Lookup(next(self._request_ids), name))
+        assert isinstance(account, AccountInfo)
+        if not account.found:
+            if len(login.secret) < self.config.min_secret:
+                raise Refused(
+                    "weak_secret",
+                    f"a new name's secret needs at least {self.config.min_secret} characters",
+                )
+            salt = os.urandom(SALT_BYTES)
+            return _Proof(
+                new=True, store=[salt, await self._hash(group, login.secret, salt, kdf), kdf]
+            )
+        digest = await self._hash(group, login.secret, account.salt, account.kdf or kdf)
+        if not hmac.compare_digest(digest, account.digest):
+            self.door.failed(group, name, time.monotonic())
+            self._log.warning("wrong secret", name=name, address=group)
+            raise Refused("auth", f"wrong secret for {name!r}")
+        if account.kdf == kdf:
+            return _Proof(new=False, store=[])
+        salt = os.urandom(SALT_BYTES)
+        return _Proof(
+            new=False, store=[salt, await self._hash(group, login.secret, salt, kdf), kdf]
+        )
+
+    async def _enter(self, name: str, session: int, proof: _Proof, visit: _Visit) -> int:
+        """The proven player's entity, from the core.
+
+        A new name is stored by the core (durably) before its entity is made,
+        so a player who was welcomed keeps the name whatever happens next.
+        """
+        refused = self.door.admit(visit.group)
+        if refused is not None:
+            raise refused
+        visit.admitted = True
+        entered = await self._ask(
+            Enter(next(self._request_ids), name, session, proof.new, proof.store)
+        )
         assert isinstance(entered, Entered)
         if entered.code:
             raise Refused(entered.code, entered.message)
         return entered.entity
 
-    async def _hash(self, secret: str, salt: bytes, kdf: str) -> bytes:
-        return await trio.to_thread.run_sync(hash_secret, secret, salt, kdf, limiter=self._hashing)
+    async def _hash(self, group: str, secret: str, salt: bytes, kdf: str) -> bytes:
+        """``secret`` hashed in the pool, one address (``group``) at a time: a login waits
+        behind at most one hash of each other address, however many one address sends."""
+        turn = self._hash_turns.get(group)
+        if turn is None:
+            turn = self._hash_turns[group] = trio.Lock()
+        try:
+            async with turn:
+                return await trio.to_thread.run_sync(
+                    hash_secret, secret, salt, kdf, limiter=self._hashing
+                )
+        finally:
+            if not turn.locked() and not turn.statistics().tasks_waiting:
+                self._hash_turns.pop(group, None)
 
     async def _play(
         self, stream: trio.SocketStream, decoder: FrameDecoder, name: str, entity: int, session: int
@@ -516,6 +602,7 @@ class Gateway:
             decoder,
             self.config.send_queue,
             tokens=float(self.config.input_burst),
+            byte_tokens=float(self.config.input_bytes_burst),
             refilled=time.monotonic(),
         )
         previous = self.clients.get(entity)

@@ -29,8 +29,11 @@ from meshd.common.wire import (
 
 PROTOCOL_VERSION = 2
 """2: ``Login.resume`` and ``Welcome.resume`` (reconnecting after a gateway is lost)."""
-MAX_CLIENT_FRAME = 16 * 1024
-"""Bytes a client frame may declare; anything larger closes the connection."""
+MAX_LOGIN_FRAME = 2048
+"""Bytes the ``Login`` frame may declare..."""
+MAX_PLAYING_FRAME = 4096
+"""...and any later client frame (an ``Input`` or a ``Ping``): anything larger closes the
+connection, refused by its length before its body is read."""
 MAX_NAME = 32
 MAX_SECRET = 128
 MAX_RESUME = 128

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from meshd.players.door import MAX_BACKOFF, Door, Limits
+from meshd.common.config import GatewayConfig as Limits
+from meshd.players.door import MAX_BACKOFF, Door
 
 
 def test_addresses_count_by_prefix() -> None:
-    door = Door(Limits(prefix_v4=24, prefix_v6=64))
+    door = Door(Limits(address_prefix_v4=24, address_prefix_v6=64))
     assert door.group("10.1.2.3") == door.group("10.1.2.200") == "10.1.2.0/24"
     assert door.group("::ffff:10.1.2.9") == "10.1.2.0/24"  # IPv4 through an IPv6 socket
     assert door.group("2001:db8::1") == door.group("2001:db8::ffff:1") == "2001:db8::/64"

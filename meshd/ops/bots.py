@@ -69,6 +69,13 @@ class BotStats:
     """A reconnect's ``Welcome`` named another entity than the first one."""
 
 
+def _unit(dx: float, dy: float) -> tuple[float, float]:
+    """``(dx, dy)`` at most unit length: plugins may declare a move's arguments within
+    [-1, 1]."""
+    length = math.hypot(dx, dy)
+    return (dx / length, dy / length) if length > 1.0 else (dx, dy)
+
+
 def _heading(
     scenario: str,
     player: Player,
@@ -77,22 +84,7 @@ def _heading(
     target: tuple[float, float],
     rng: random.Random,
 ) -> tuple[float, float]:
-    """The direction a bot walks now, at most unit length (plugins may declare ``dx`` and
-    ``dy`` within [-1, 1]); (0, 0) stops."""
-    dx, dy = _direction(scenario, player, elapsed, duration, target, rng)
-    length = math.hypot(dx, dy)
-    return (dx / length, dy / length) if length > 1.0 else (dx, dy)
-
-
-def _direction(
-    scenario: str,
-    player: Player,
-    elapsed: float,
-    duration: float,
-    target: tuple[float, float],
-    rng: random.Random,
-) -> tuple[float, float]:
-    """Where a bot heads in its scenario (any length)."""
+    """Where a bot heads in its scenario (any length; (0, 0) stops)."""
     me = player.world.get(player.entity)
     size = player.welcome.world_size
     if me is None:
@@ -162,8 +154,10 @@ async def run_bot(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_read, player, stats)
                     while True:
-                        dx, dy = _heading(
-                            scenario, player, time.monotonic() - begin, duration, target, rng
+                        dx, dy = _unit(
+                            *_heading(
+                                scenario, player, time.monotonic() - begin, duration, target, rng
+                            )
                         )
                         await player.send("move", dx=dx, dy=dy)
                         if rng.random() < MOVE_EVERY / PING_EVERY:

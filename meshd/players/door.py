@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from meshd.common.config import GatewayConfig
 from meshd.players.protocol import Refused
 
 MAX_BACKOFF = 300.0
@@ -35,16 +36,6 @@ FORGET_AFTER = 900.0
 """Seconds without a failure after which an address's failures are forgotten."""
 REMEMBERED = 100_000
 """Failure records kept at most per table (the oldest are forgotten first)."""
-
-
-@attrs.frozen
-class Limits:
-    max_pending: int = 256
-    max_pending_per_address: int = 8
-    max_players_per_address: int = 64
-    prefix_v4: int = 32
-    prefix_v6: int = 64
-    login_failures: int = 5
 
 
 @attrs.define
@@ -61,7 +52,7 @@ class _Failures:
 class Door:
     """Counts per address prefix: pending connections, players, failed logins."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: GatewayConfig) -> None:
         self.limits = limits
         self.pending = 0
         self._pending: dict[str, int] = {}
@@ -77,7 +68,8 @@ class Door:
             return host  # not an IP address (a Unix socket in tests): itself
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-        prefix = self.limits.prefix_v4 if address.version == 4 else self.limits.prefix_v6
+        limits = self.limits
+        prefix = limits.address_prefix_v4 if address.version == 4 else limits.address_prefix_v6
         return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
     def arrive(self, group: str) -> Refused | None:

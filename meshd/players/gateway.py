@@ -59,7 +59,7 @@ from meshd.players.accounts import (
     resumed_entity,
     scrypt_parameters,
 )
-from meshd.players.door import Door, Limits
+from meshd.players.door import Door
 from meshd.players.messages import (
     CORE_TO_GATEWAY,
     AccountInfo,
@@ -232,16 +232,7 @@ class Gateway:
         self._hashing = trio.CapacityLimiter(init.config.hash_threads or os.cpu_count() or 1)
         self._hash_turns: dict[str, trio.Lock] = {}
         """Per address group: whose turn it is to hash (see :meth:`_hash`)."""
-        self.door = Door(
-            Limits(
-                max_pending=init.config.max_pending,
-                max_pending_per_address=init.config.max_pending_per_address,
-                max_players_per_address=init.config.max_players_per_address,
-                prefix_v4=init.config.address_prefix_v4,
-                prefix_v6=init.config.address_prefix_v6,
-                login_failures=init.config.login_failures,
-            )
-        )
+        self.door = Door(init.config)
         self._log = get_logger(component="gateway", gateway=init.gateway)
 
     # -- the link to the core ---------------------------------------------

@@ -111,6 +111,14 @@ class GatewayConfig:
     hash_cost: int = 12
     """log2 of scrypt's N for player secrets (12 = 4 MiB, about 15 ms per login here;
     each step up doubles both, and the time every login takes)."""
+    tls_cert: str = ""
+    """PEM certificate (chain) the players' port serves TLS with ("" = plain TCP); a
+    relative path is taken from the config file's folder, as plugins.dirs is."""
+    tls_key: str = ""
+    """The certificate's PEM private key (set with tls_cert)."""
+    allow_plaintext: bool = False
+    """Serve plain TCP on an address that is not loopback: names and secrets cross the
+    network in clear (without it, such a listen refuses to start)."""
 
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
@@ -348,6 +356,12 @@ def _validate(config: Config) -> list[str]:
     need(gateway.input_burst >= 1, "gateway.input_burst", "a count >= 1", gateway.input_burst)
     need(gateway.send_queue >= 1, "gateway.send_queue", "a count >= 1", gateway.send_queue)
     need(10 <= gateway.hash_cost <= 20, "gateway.hash_cost", "10..20", gateway.hash_cost)
+    need(
+        bool(gateway.tls_key) == bool(gateway.tls_cert),
+        "gateway.tls_key",
+        "a key file with gateway.tls_cert, and none without",
+        gateway.tls_key,
+    )
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
 
@@ -414,4 +428,12 @@ def load_config(
     problems = _validate(config)
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))
+    gateway = config.gateway
+    if gateway.tls_cert:  # beside the config file, wherever they were set
+        gateway = attrs.evolve(
+            gateway,
+            tls_cert=str(Path(base_dir, gateway.tls_cert).resolve()),
+            tls_key=str(Path(base_dir, gateway.tls_key).resolve()),
+        )
+        config = attrs.evolve(config, gateway=gateway)
     return config

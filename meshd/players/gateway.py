@@ -6,7 +6,8 @@ on the players' address itself (:mod:`meshd.players.ports`: the kernel
 spreads connections over the gateways, and players see one address) and
 owns the players it accepts:
 
-- **logins**: the ``Login`` within ``gateway.login_timeout``; a valid resume
+- **logins**: the ``Login`` within ``gateway.login_timeout`` (on a TLS port,
+  the TLS handshake first, within the same deadline); a valid resume
   token skips the secret, otherwise the core gives the account (``Lookup``)
   and the secret is hashed here, in a thread; the core gives the entity
   (``Enter``);
@@ -18,6 +19,11 @@ owns the players it accepts:
   which builds every player's view at once; each is written straight into
   the player's socket, and only what the kernel does not take goes to the
   connection's writer task (bounded backlog, then "slow").
+
+On a TLS port (``gateway.tls_cert``) the same raw reads and writes carry
+ciphertext: each connection's :class:`~meshd.players.tls.TlsLayer` turns
+what is read into plaintext and every frame into ciphertext just before it
+is written; a plain port has no layer and takes the same path as ever.
 
 Everything a client can get wrong ends with one ``Error`` frame and the
 close of that connection only. The process exits when the core's socket
@@ -37,6 +43,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -90,6 +97,7 @@ from meshd.players.protocol import (
     decode_client,
     encode_frame,
 )
+from meshd.players.tls import NotTls, TlsLayer, TlsReceiver, handshake, server_context
 from meshd.players.views import Mirror
 from meshd.plugin import JOIN, LEAVE, Arg, check_input
 
@@ -113,7 +121,8 @@ class Client:
     is a duplicate of the connection's descriptor, so a send needs no task
     switch); what the kernel does not take waits in ``backlog`` for the
     writer task, at most ``send_queue`` frames. A client whose backlog is
-    full reads too slowly and is dropped.
+    full reads too slowly and is dropped. On a TLS port, ``tls`` seals each
+    frame as it is offered (in order: the backlog holds ciphertext).
     """
 
     name: str
@@ -136,12 +145,20 @@ class Client:
     wake: trio.Event = attrs.field(factory=trio.Event)
     sent: int = 0
     """Bytes handed to the kernel."""
+    tls: TlsLayer | None = None
+    """The connection's TLS on a TLS port (None: plain TCP)."""
 
     def offer(self, data: bytes) -> bool:
         """Send or queue a frame; False (and the client is dropped) when it reads too slowly."""
         if self.closed:
             return False
-        if not self.backlog:  # nothing ahead of it: the kernel may take it now
+        backlog = self.backlog
+        if backlog and len(backlog) >= self.send_queue:
+            self.close(Error("slow", "you read too slowly: dropped"), grace=0.0)
+            return False
+        if self.tls is not None:
+            data = self.tls.seal(data)
+        if not backlog:  # nothing ahead of it: the kernel may take it now
             try:
                 taken = self.sock.send(data)
             except BlockingIOError:
@@ -152,12 +169,9 @@ class Client:
             self.sent += taken
             if taken == len(data):
                 return True
-            self.backlog.append(memoryview(data)[taken:])
-        elif len(self.backlog) >= self.send_queue:
-            self.close(Error("slow", "you read too slowly: dropped"), grace=0.0)
-            return False
+            backlog.append(memoryview(data)[taken:])
         else:
-            self.backlog.append(data)
+            backlog.append(data)
         self.wake.set()
         return True
 
@@ -207,6 +221,11 @@ class Gateway:
         self._sessions = itertools.count(1)
         self._outbox_send, self._outbox = trio.open_memory_channel[bytes](float("inf"))
         self._hashing = trio.CapacityLimiter(1)
+        self._tls = (
+            server_context(self.config.tls_cert, self.config.tls_key)
+            if self.config.tls_cert
+            else None
+        )
         self._log = get_logger(component="gateway", gateway=init.gateway)
 
     # -- the link to the core ---------------------------------------------
@@ -318,6 +337,14 @@ class Gateway:
                 client.close()
                 return
             if data:
+                if client.tls is not None:
+                    try:
+                        data = client.tls.receive(data)
+                    except ssl.SSLError:  # a forged or broken record: nothing more can be read
+                        client.close(grace=0.0)
+                        return
+                    if client.tls.closed:  # close_notify: what came before it still counts
+                        client.close()
                 client.decoder.feed(data)
         config = self.config
         client.tokens = min(
@@ -440,33 +467,54 @@ class Gateway:
     async def _connection(self, stream: trio.SocketStream) -> None:
         decoder = FrameDecoder(MAX_CLIENT_FRAME)
         session = next(self._sessions)
+        tls = TlsLayer(self._tls) if self._tls is not None else None
         try:
-            if self.connections > self.config.max_clients:
-                raise Refused("full", f"the server takes {self.config.max_clients} connections")
             with trio.fail_after(self.config.login_timeout):
-                login = decode_client(await receive_frame(stream, decoder))
+                if tls is not None:  # the handshake first, within the login's deadline
+                    await handshake(stream, tls)
+                if self.connections > self.config.max_clients:
+                    raise Refused("full", f"the server takes {self.config.max_clients} connections")
+                reader = stream if tls is None else TlsReceiver(stream, tls)
+                login = decode_client(await receive_frame(reader, decoder))
             if not isinstance(login, Login):
                 raise Refused("login_first", "the first message must be a login")
             if login.version != PROTOCOL_VERSION:
                 raise Refused("version", f"this server speaks protocol {PROTOCOL_VERSION}")
             entity = await self._log_in(login, session)
         except trio.TooSlowError:
-            await self._refuse(stream, "login_timeout", "no login in time")
+            await self._refuse(stream, tls, "login_timeout", "no login in time")
             return
         except Refused as refused:
-            await self._refuse(stream, refused.code, refused.message)
+            await self._refuse(stream, tls, refused.code, refused.message)
             return
         except WireError as exc:
-            await self._refuse(stream, "bad_frame", str(exc))
+            await self._refuse(stream, tls, "bad_frame", str(exc))
+            return
+        except NotTls:
+            # Said in plaintext, which is what the client speaks.
+            await self._refuse(
+                stream, None, "tls_required", "this port speaks TLS: connect with TLS"
+            )
+            return
+        except ssl.SSLError:  # the client got the alert that says why
+            self.refused["tls"] = self.refused.get("tls", 0) + 1
             return
         except EOFError:
             return
-        await self._play(stream, decoder, login.name, entity, session)
+        await self._play(stream, decoder, login.name, entity, session, tls)
 
-    async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
+    async def _refuse(
+        self, stream: trio.SocketStream, tls: TlsLayer | None, code: str, message: str
+    ) -> None:
+        """Tell the client why it is refused (in TLS once its handshake is done; before it,
+        nothing can be said)."""
         self.refused[code] = self.refused.get(code, 0) + 1
-        with trio.move_on_after(1.0):
-            await stream.send_all(encode_frame(Error(code, message)))
+        data = encode_frame(Error(code, message))
+        if tls is not None:
+            data = tls.seal(data) + tls.close() if tls.established else b""
+        if data:
+            with trio.move_on_after(1.0):
+                await stream.send_all(data)
 
     async def _log_in(self, login: Login, session: int) -> int:
         """Check ``login`` (its resume token, else its secret); the player's entity id.
@@ -506,7 +554,13 @@ class Gateway:
         return await trio.to_thread.run_sync(hash_secret, secret, salt, kdf, limiter=self._hashing)
 
     async def _play(
-        self, stream: trio.SocketStream, decoder: FrameDecoder, name: str, entity: int, session: int
+        self,
+        stream: trio.SocketStream,
+        decoder: FrameDecoder,
+        name: str,
+        entity: int,
+        session: int,
+        tls: TlsLayer | None,
     ) -> None:
         client = Client(
             name,
@@ -517,6 +571,7 @@ class Gateway:
             self.config.send_queue,
             tokens=float(self.config.input_burst),
             refilled=time.monotonic(),
+            tls=tls,
         )
         previous = self.clients.get(entity)
         if previous is not None:
@@ -579,7 +634,8 @@ class Gateway:
     async def _writer(
         self, stream: trio.SocketStream, client: Client, done: trio.CancelScope
     ) -> None:
-        """Drains what the kernel did not take at once, in order; then the error, if any."""
+        """Drains what the kernel did not take at once, in order; then the error, if any
+        (and on a TLS port the ``close_notify``)."""
         backlog = client.backlog
         try:
             while True:
@@ -591,9 +647,12 @@ class Gateway:
                     client.sent += len(backlog.popleft())
                 if client.closed:
                     break
-            if client.error is not None:
-                await stream.send_all(encode_frame(client.error))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            last = encode_frame(client.error) if client.error is not None else b""
+            if client.tls is not None:
+                last = (client.tls.seal(last) if last else b"") + client.tls.close()
+            if last:
+                await stream.send_all(last)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             pass
         finally:
             client.closed = True

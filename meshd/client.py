@@ -12,6 +12,15 @@ ends the connection raises :class:`ServerError`; ``bad_input`` (an input
 refused or undone, the connection stays) is collected in ``bad_inputs``; a
 dropped connection raises :class:`ConnectionLost`.
 
+A server whose port serves TLS (``gateway.tls_cert``) needs ``tls=True``: the
+certificate is then verified against the system's authorities and the host
+name, as a browser would. ``ssl_context=tls_context(ca="ca.pem")`` trusts a
+certificate authority (or a self-signed certificate) of your own instead;
+``tls_context(insecure=True)`` verifies nothing (anyone on the way can read
+the secret: for tests only). A failed handshake raises :class:`TlsError`,
+saying why; a plaintext client on a TLS port gets ``ServerError``
+``tls_required``.
+
 A connection that breaks without an ``Error`` (the gateway process serving
 it died: a reset or an end of stream) is made again to the same address,
 logging in with the ``resume`` token of the latest ``Welcome``: at once, then
@@ -35,6 +44,8 @@ senders notices the break first.
 from __future__ import annotations
 
 import itertools
+import os
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -87,6 +98,34 @@ class ConnectionLost(Exception):
     """The server closed the connection without an ``Error`` (and no reconnect made it)."""
 
 
+class TlsError(OSError):
+    """The TLS handshake failed: the certificate is not trusted, or the port does not
+    speak TLS; the message says which, and what to do."""
+
+
+def tls_context(
+    ca: str | os.PathLike[str] | None = None, *, insecure: bool = False
+) -> ssl.SSLContext:
+    """A client's TLS context: verifying the server's certificate and host name against the
+    system's authorities, or against ``ca`` (a PEM file of the authorities, or of the
+    server's own self-signed certificate, to trust).
+
+    ``insecure=True`` turns verification off: anyone between the client and
+    the server can then pose as the server and read every secret. Never
+    use it beyond a test on your own machine.
+    """
+    if insecure:
+        if ca is not None:
+            raise ValueError("a CA to trust, or insecure: not both")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=None if ca is None else os.fspath(ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 @attrs.define
 class Entity:
     """An entity in view: where it is, and its state (the plugin's fields by name).
@@ -108,7 +147,7 @@ class Player:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         welcome: Welcome,
         decoder: FrameDecoder,
         *,
@@ -116,6 +155,7 @@ class Player:
         name: str = "",
         secret: str = "",
         reconnect_within: float = 0.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.stream = stream
         self.welcome = welcome
@@ -131,6 +171,7 @@ class Player:
         self._address = address
         self._name = name
         self._secret = secret
+        self._ssl_context = ssl_context
         self._decoder = decoder
         self._seq = itertools.count(1)
         self._pings: dict[int, float] = {}
@@ -331,14 +372,16 @@ class Player:
             self._reconnecting = False
             self._notify()
 
-    async def _login_again(self, lost: str) -> tuple[trio.SocketStream, FrameDecoder, Welcome]:
+    async def _login_again(self, lost: str) -> tuple[trio.abc.Stream, FrameDecoder, Welcome]:
         assert self._address is not None
         host, port = self._address
         pause, why = RETRY_FIRST, lost
         with trio.move_on_after(self.reconnect_within):
             while True:
                 try:
-                    return await _login(host, port, self._name, self._secret, self.resume)
+                    return await _login(
+                        host, port, self._name, self._secret, self.resume, self._ssl_context
+                    )
                 except ServerError as exc:
                     if exc.code not in RETRY_CODES:
                         raise
@@ -368,7 +411,7 @@ def _again(exc: ServerError | ConnectionLost) -> ServerError | ConnectionLost:
     return ConnectionLost(str(exc))
 
 
-async def _drain(stream: trio.SocketStream, decoder: FrameDecoder) -> None:
+async def _drain(stream: trio.abc.Stream, decoder: FrameDecoder) -> None:
     """Read a broken stream to its end, raising the :class:`ServerError` it ended with.
 
     What else is there belongs to the lost connection and is dropped; a
@@ -382,7 +425,7 @@ async def _drain(stream: trio.SocketStream, decoder: FrameDecoder) -> None:
                 return
 
 
-async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
+async def _receive(stream: trio.abc.Stream, decoder: FrameDecoder) -> Any:
     try:
         message = decode_server(await receive_frame(stream, decoder))
     except EOFError:
@@ -392,17 +435,60 @@ async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
     return message
 
 
-async def _login(
-    host: str, port: int, name: str, secret: str, resume: str
-) -> tuple[trio.SocketStream, FrameDecoder, Welcome]:
-    """A new connection, logged in: its stream, decoder and ``Welcome``.
+NOT_TLS = (
+    "the server answered in something other than TLS: its port does not speak TLS "
+    "(connect without TLS, or give the server gateway.tls_cert)"
+)
+HANDSHAKE_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": "the server's certificate is not trusted here (a certificate "
+    "of your own? trust its authority: ssl_context=tls_context(ca=...), meshd bots --tls-ca)",
+    # What OpenSSL versions say when the answer to a ClientHello is not a TLS record.
+    "WRONG_VERSION_NUMBER": NOT_TLS,
+    "RECORD_LAYER_FAILURE": NOT_TLS,
+    "PACKET_LENGTH_TOO_LONG": NOT_TLS,
+    "UNKNOWN_PROTOCOL": NOT_TLS,
+}
 
-    Raises ``OSError`` when no connection is made, :class:`ServerError`
-    for a refused login and :class:`ConnectionLost` (or
-    ``trio.BrokenResourceError``) when the connection ends before the
-    ``Welcome``.
-    """
+
+async def _open(host: str, port: int, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
+    """A connection to the server, with its TLS handshake done if ``ssl_context`` is given."""
     stream = await trio.open_tcp_stream(host, port)
+    if ssl_context is None:
+        return stream
+    tls = trio.SSLStream(stream, ssl_context, server_hostname=host, https_compatible=False)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(stream)
+        cause = exc.__cause__
+        hint = HANDSHAKE_HINTS.get(getattr(cause, "reason", None) or "", "")
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            hint = f"{cause.verify_message}: {HANDSHAKE_HINTS['CERTIFICATE_VERIFY_FAILED']}"
+        why = hint or str(cause or "the server closed the connection")
+        raise TlsError(f"TLS handshake with {host}:{port} failed: {why}") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return tls
+
+
+async def _login(
+    host: str,
+    port: int,
+    name: str,
+    secret: str,
+    resume: str,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[trio.abc.Stream, FrameDecoder, Welcome]:
+    """A new connection (over TLS with ``ssl_context``), logged in: its stream, decoder and
+    ``Welcome``.
+
+    Raises ``OSError`` when no connection is made (:class:`TlsError` when its
+    handshake fails), :class:`ServerError` for a refused login and
+    :class:`ConnectionLost` (or ``trio.BrokenResourceError``) when the
+    connection ends before the ``Welcome``.
+    """
+    stream = await _open(host, port, ssl_context)
     try:
         login = Login(version=PROTOCOL_VERSION, name=name, secret=secret, resume=resume)
         await stream.send_all(encode_frame(login))
@@ -419,16 +505,29 @@ async def _login(
 
 
 async def connect(
-    host: str, port: int, name: str, secret: str, *, reconnect_within: float = RECONNECT_WITHIN
+    host: str,
+    port: int,
+    name: str,
+    secret: str,
+    *,
+    tls: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    reconnect_within: float = RECONNECT_WITHIN,
 ) -> Player:
     """Connect and log in (claiming ``name`` with ``secret`` if it is new).
 
-    ``reconnect_within``: seconds to try again when the connection breaks
-    later (0: never; see the module). This first login is tried once:
-    ``OSError`` when no connection is made, :class:`ServerError` when the
-    server refuses it, :class:`ConnectionLost` when it closes first.
+    ``tls=True``: over TLS, the server's certificate verified against the
+    system's authorities and ``host``; ``ssl_context`` (see
+    :func:`tls_context`): over TLS with that context (``tls`` need not be
+    set). Reconnects use the same. ``reconnect_within``: seconds to try
+    again when the connection breaks later (0: never; see the module). This
+    first login is tried once: ``OSError`` when no connection is made
+    (:class:`TlsError` when the TLS handshake fails), :class:`ServerError`
+    when the server refuses it, :class:`ConnectionLost` when it closes first.
     """
-    stream, decoder, welcome = await _login(host, port, name, secret, "")
+    if ssl_context is None and tls:
+        ssl_context = tls_context()
+    stream, decoder, welcome = await _login(host, port, name, secret, "", ssl_context)
     return Player(
         stream,
         welcome,
@@ -437,4 +536,5 @@ async def connect(
         name=name,
         secret=secret,
         reconnect_within=reconnect_within,
+        ssl_context=ssl_context,
     )

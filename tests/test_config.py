@@ -49,6 +49,19 @@ def test_a_relative_data_folder_is_beside_the_config_file(tmp_path: Path, monkey
     assert from_flag.data_dir == Path("here")  # a flag's or variable's: from where meshd runs
 
 
+def test_tls_files_are_beside_the_config_file_and_come_in_pairs(tmp_path: Path) -> None:
+    folder = tmp_path / "game"
+    folder.mkdir()
+    text = '[gateway]\ntls_cert = "tls/chain.pem"\ntls_key = "/etc/meshd/key.pem"\n'
+    gateway = load_config(write(folder, text), environ={}).gateway
+    assert gateway.tls_cert == str(folder / "tls" / "chain.pem")
+    assert gateway.tls_key == "/etc/meshd/key.pem"
+    with pytest.raises(ConfigError, match=r"gateway\.tls_key: expected a key file"):
+        load_config(write(folder, '[gateway]\ntls_cert = "chain.pem"\n'), environ={})
+    with pytest.raises(ConfigError, match=r"gateway\.tls_key: expected a key file"):
+        load_config(write(folder, ""), environ={"MESHD_GATEWAY_TLS_KEY": "key.pem"})
+
+
 def test_plugin_tables_become_plugin_settings(tmp_path: Path) -> None:
     path = write(tmp_path, '[plugins]\nload = ["tavern"]\n[plugins.tavern]\nnpcs = 12\n')
     config = load_config(path, environ={})

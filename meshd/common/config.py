@@ -135,6 +135,14 @@ class GatewayConfig:
     """Secrets hashed at once per gateway process (0: one per CPU); more wait their turn."""
     min_secret: int = 8
     """Characters a new name's secret needs at least."""
+    tls_cert: str = ""
+    """PEM certificate (chain) the players' port serves TLS with ("" = plain TCP); a
+    relative path is taken from the config file's folder, as plugins.dirs is."""
+    tls_key: str = ""
+    """The certificate's PEM private key (set with tls_cert)."""
+    allow_plaintext: bool = False
+    """Serve plain TCP on an address that is not loopback: names and secrets cross the
+    network in clear (without it, such a listen refuses to start)."""
 
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
@@ -392,6 +400,12 @@ def _validate(config: Config) -> list[str]:
     )
     need(0 <= gateway.hash_threads <= 64, "gateway.hash_threads", "0..64", gateway.hash_threads)
     need(1 <= gateway.min_secret <= 128, "gateway.min_secret", "1..128", gateway.min_secret)
+    need(
+        bool(gateway.tls_key) == bool(gateway.tls_cert),
+        "gateway.tls_key",
+        "a key file with gateway.tls_cert, and none without",
+        gateway.tls_key,
+    )
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
 
@@ -458,4 +472,12 @@ def load_config(
     problems = _validate(config)
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))
+    gateway = config.gateway
+    if gateway.tls_cert:  # beside the config file, wherever they were set
+        gateway = attrs.evolve(
+            gateway,
+            tls_cert=str(Path(base_dir, gateway.tls_cert).resolve()),
+            tls_key=str(Path(base_dir, gateway.tls_key).resolve()),
+        )
+        config = attrs.evolve(config, gateway=gateway)
     return config

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import ssl
 import statistics
 import time
 from typing import Any
@@ -129,8 +130,10 @@ async def run_bot(
     started: trio.Event,
     logins: trio.CapacityLimiter,
     reconnect_within: float = RECONNECT_WITHIN,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """One bot: log in, then move, ping and read views until ``duration`` ends.
+    """One bot: log in (over TLS with ``ssl_context``), then move, ping and read views until
+    ``duration`` ends.
 
     Never raises for the connection's sake: why it ended early goes to
     ``stats.disconnected``.
@@ -139,7 +142,12 @@ async def run_bot(
     try:
         async with logins:
             player = await connect(
-                host, port, f"bot-{bot}", f"bot-{bot}-secret", reconnect_within=reconnect_within
+                host,
+                port,
+                f"bot-{bot}",
+                f"bot-{bot}-secret",
+                ssl_context=ssl_context,
+                reconnect_within=reconnect_within,
             )
     except (OSError, ServerError, ConnectionLost) as exc:
         stats.disconnected = f"login: {exc}"
@@ -208,11 +216,13 @@ async def run_bots(
     connect_concurrency: int = 50,
     per_bot: bool = False,
     reconnect_within: float = RECONNECT_WITHIN,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
     """Connect ``count`` bots, run them for ``duration`` seconds together, summarise.
 
     ``per_bot`` adds ``per_bot``, one entry a bot; ``reconnect_within`` is
-    the client's (0: a broken connection is a disconnect).
+    the client's (0: a broken connection is a disconnect); ``ssl_context``:
+    over TLS with it (:func:`meshd.client.tls_context`).
     """
     stats = [BotStats() for _ in range(count)]
     started = trio.Event()
@@ -232,6 +242,7 @@ async def run_bots(
                 started,
                 logins,
                 reconnect_within,
+                ssl_context,
             )
         while sum(1 for s in stats if s.connected or s.disconnected) < count:
             await trio.sleep(0.05)

@@ -670,9 +670,36 @@ def bots_command(
         str,
         typer.Option(help="python (meshd.client) or native (C, built on first use)."),
     ] = "python",
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Connect with TLS, verifying the server's certificate against the system's "
+            "authorities (python engine).",
+        ),
+    ] = False,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            exists=True,
+            dir_okay=False,
+            help="Connect with TLS, trusting this PEM file's authorities (or the server's "
+            "self-signed certificate) instead of the system's.",
+        ),
+    ] = None,
+    tls_insecure: Annotated[
+        bool,
+        typer.Option(
+            "--tls-insecure",
+            help="DANGEROUS: connect with TLS without verifying the server's certificate "
+            "(anyone on the way can pose as the server and read the secrets); tests only.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Drive N real player connections from one process; exit 1 on unexpected disconnects."""
+    from meshd.client import tls_context
     from meshd.ops.bots import SCENARIOS, run_bots
     from meshd.ops.loadgen import LoadgenError, run_native
 
@@ -684,14 +711,22 @@ def bots_command(
         address = (host, int(port))
     except ValueError:
         raise _fail("--connect takes HOST:PORT and --target X,Y", 2) from None
+    if tls_ca is not None and tls_insecure:
+        raise _fail("--tls-ca trusts an authority, --tls-insecure trusts anyone: not both", 2)
+    with_tls = tls or tls_ca is not None or tls_insecure
+    if engine == "native" and with_tls:
+        raise _fail("the native bots do not speak TLS: use --engine python", 2)
     if engine == "native":
         try:
             result = run_native(*address, count, duration, scenario, (tx, ty))
         except LoadgenError as exc:
             raise _fail(str(exc), 1) from None
     elif engine == "python":
+        context = tls_context(tls_ca, insecure=tls_insecure) if with_tls else None
         result = trio.run(
-            lambda: run_bots(*address, count, duration, scenario=scenario, target=(tx, ty))
+            lambda: run_bots(
+                *address, count, duration, scenario=scenario, target=(tx, ty), ssl_context=context
+            )
         )
     else:
         raise _fail(f"unknown engine {engine!r}; available: python, native", 2)

@@ -35,7 +35,8 @@ from meshd.ops.admin import serve_admin
 from meshd.players.accounts import Account
 from meshd.players.fleet import Gateways, cell_size
 from meshd.players.journal import JOURNAL_NAME, Journal
-from meshd.players.ports import Reservation, reserve
+from meshd.players.ports import Reservation, check_plaintext, reserve
+from meshd.players.tls import server_context
 from meshd.store.codec import Delta, WorldSnapshot
 from meshd.store.db import DB_NAME, Store
 
@@ -157,6 +158,25 @@ def _heal_or_warn(snapshot: WorldSnapshot, plugins: PluginSet) -> None:
         )
 
 
+def _check_players_port(config: Config) -> None:
+    """TLS that loads, or plain TCP where it may be: refused (``ConfigError``) before anything
+    starts, or a warning at every start when ``gateway.allow_plaintext`` lets it through."""
+    gateway = config.gateway
+    if not gateway.listen:
+        return
+    if gateway.tls_cert:  # bad files fail here, once, rather than in every gateway process
+        server_context(gateway.tls_cert, gateway.tls_key)
+    exposed = check_plaintext(gateway)
+    if exposed:
+        get_logger(component="core").warning(
+            "players' port speaks plain TCP on an address other machines reach: names and "
+            "secrets cross the network in clear (gateway.allow_plaintext = true); set "
+            "gateway.tls_cert and gateway.tls_key to serve TLS",
+            listen=gateway.listen,
+            addresses=exposed,
+        )
+
+
 async def serve(
     config: Config,
     *,
@@ -173,6 +193,7 @@ async def serve(
     # Past a file size limit, writes must fail with EFBIG (retried like a
     # full disk) instead of killing the core.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _check_players_port(config)
     plugins = load_plugin_set(config)
     data_dir = config.data_dir
     lock_fd = lock_data_dir(data_dir)

@@ -217,7 +217,12 @@ class Gateways:
                     for slot in range(self.processes):
                         starting.start_soon(self._start, slot)
                 self.address = self.reservation.address
-                self._log.info("gateway listening", address=self.address, processes=len(self.links))
+                self._log.info(
+                    "gateway listening",
+                    address=self.address,
+                    tls=bool(self.config.tls_cert),
+                    processes=len(self.links),
+                )
                 task_status.started(self.address)
         finally:
             with trio.CancelScope(shield=True):
@@ -609,6 +614,7 @@ class Gateways:
                 kicked[code] = kicked.get(code, 0) + count
         return {
             "address": self.address,
+            "tls": bool(self.config.tls_cert),
             "processes": len(self.links),
             "players": len(self.players),
             "connections": sum(stat.get("connections", 0) for stat in stats),

@@ -6,7 +6,8 @@ on the players' address itself (:mod:`meshd.players.ports`: the kernel
 spreads connections over the gateways, and players see one address) and
 owns the players it accepts:
 
-- **logins**: the ``Login`` within ``gateway.login_timeout``; a valid resume
+- **logins**: the ``Login`` within ``gateway.login_timeout`` (on a TLS port,
+  the TLS handshake first, within the same deadline); a valid resume
   token skips the secret, otherwise the core gives the account (``Lookup``)
   and the secret is hashed here, in a thread; the core gives the entity
   (``Enter``);
@@ -18,6 +19,11 @@ owns the players it accepts:
   which builds every player's view at once; each is written straight into
   the player's socket, and only what the kernel does not take goes to the
   connection's writer task (bounded backlog, then "slow").
+
+On a TLS port (``gateway.tls_cert``) the same raw reads and writes carry
+ciphertext: each connection's :class:`~meshd.players.tls.TlsLayer` turns
+what is read into plaintext and every frame into ciphertext just before it
+is written; a plain port has no layer and takes the same path as ever.
 
 Everything a client can get wrong ends with one ``Error`` frame and the
 close of that connection only. The process exits when the core's socket
@@ -37,6 +43,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -92,6 +99,7 @@ from meshd.players.protocol import (
     decode_client,
     encode_frame,
 )
+from meshd.players.tls import NotTls, TlsLayer, TlsReceiver, handshake, server_context
 from meshd.players.views import Mirror
 from meshd.plugin import JOIN, LEAVE, Arg, check_input
 
@@ -115,7 +123,8 @@ class Client:
     is a duplicate of the connection's descriptor, so a send needs no task
     switch); what the kernel does not take waits in ``backlog`` for the
     writer task, at most ``send_queue`` frames. A client whose backlog is
-    full reads too slowly and is dropped.
+    full reads too slowly and is dropped. On a TLS port, ``tls`` seals each
+    frame as it is offered (in order: the backlog holds ciphertext).
     """
 
     name: str
@@ -141,12 +150,20 @@ class Client:
     wake: trio.Event = attrs.field(factory=trio.Event)
     sent: int = 0
     """Bytes handed to the kernel."""
+    tls: TlsLayer | None = None
+    """The connection's TLS on a TLS port (None: plain TCP)."""
 
     def offer(self, data: bytes) -> bool:
         """Send or queue a frame; False (and the client is dropped) when it reads too slowly."""
         if self.closed:
             return False
-        if not self.backlog:  # nothing ahead of it: the kernel may take it now
+        backlog = self.backlog
+        if backlog and len(backlog) >= self.send_queue:
+            self.close(Error("slow", "you read too slowly: dropped"), grace=0.0)
+            return False
+        if self.tls is not None:
+            data = self.tls.seal(data)
+        if not backlog:  # nothing ahead of it: the kernel may take it now
             try:
                 taken = self.sock.send(data)
             except BlockingIOError:
@@ -157,12 +174,9 @@ class Client:
             self.sent += taken
             if taken == len(data):
                 return True
-            self.backlog.append(memoryview(data)[taken:])
-        elif len(self.backlog) >= self.send_queue:
-            self.close(Error("slow", "you read too slowly: dropped"), grace=0.0)
-            return False
+            backlog.append(memoryview(data)[taken:])
         else:
-            self.backlog.append(data)
+            backlog.append(data)
         self.wake.set()
         return True
 
@@ -233,6 +247,11 @@ class Gateway:
         self._hash_turns: dict[str, trio.Lock] = {}
         """Per address group: whose turn it is to hash (see :meth:`_hash`)."""
         self.door = Door(init.config)
+        self._tls = (
+            server_context(self.config.tls_cert, self.config.tls_key)
+            if self.config.tls_cert
+            else None
+        )
         self._log = get_logger(component="gateway", gateway=init.gateway)
 
     # -- the link to the core ---------------------------------------------
@@ -353,11 +372,19 @@ class Gateway:
         )
         client.refilled = now
         if data:
-            # Charged as they arrive, before anything is decoded.
+            # Charged as they arrive, before anything is decoded (or decrypted).
             client.byte_tokens -= len(data)
             if client.byte_tokens < 0:
                 client.close(Error("flood", f"more than {config.input_bytes_rate:g} bytes/s"))
                 return
+            if client.tls is not None:
+                try:
+                    data = client.tls.receive(data)
+                except ssl.SSLError:  # a forged or broken record: nothing more can be read
+                    client.close(grace=0.0)
+                    return
+                if client.tls.closed:  # close_notify: what came before it still counts
+                    client.close()
             client.decoder.feed(data)
         last_seq = 0
         try:
@@ -466,7 +493,9 @@ class Gateway:
         async with stream:
             refused = self.door.arrive(visit.group)
             if refused is not None:
-                await self._refuse(stream, refused.code, refused.message)
+                # Before any handshake: on a TLS port nothing can be said, only closed.
+                unsaid = TlsLayer(self._tls) if self._tls is not None else None
+                await self._refuse(stream, unsaid, refused.code, refused.message)
                 return
             self.connections += 1
             try:
@@ -481,10 +510,15 @@ class Gateway:
     async def _connection(self, stream: trio.SocketStream, visit: _Visit) -> None:
         decoder = FrameDecoder(MAX_LOGIN_FRAME)
         session = next(self._sessions)
+        tls = TlsLayer(self._tls) if self._tls is not None else None
         try:
-            # The whole proof within the deadline: the frame, the checks, the hashing.
+            # The whole proof within the deadline: the handshake, the frame, the checks,
+            # the hashing.
             with trio.fail_after(self.config.login_timeout):
-                login = decode_client(await receive_frame(stream, decoder))
+                if tls is not None:
+                    await handshake(stream, tls)
+                reader = stream if tls is None else TlsReceiver(stream, tls)
+                login = decode_client(await receive_frame(reader, decoder))
                 if not isinstance(login, Login):
                     raise Refused("login_first", "the first message must be a login")
                 if login.version != PROTOCOL_VERSION:
@@ -492,23 +526,40 @@ class Gateway:
                 proof = await self._prove(login, visit.group)
             entity = await self._enter(login.name, session, proof, visit)
         except trio.TooSlowError:
-            await self._refuse(stream, "login_timeout", "no login in time")
+            await self._refuse(stream, tls, "login_timeout", "no login in time")
             return
         except Refused as refused:
-            await self._refuse(stream, refused.code, refused.message)
+            await self._refuse(stream, tls, refused.code, refused.message)
             return
         except WireError as exc:
-            await self._refuse(stream, "bad_frame", str(exc))
+            await self._refuse(stream, tls, "bad_frame", str(exc))
+            return
+        except NotTls:
+            # Said in plaintext, which is what the client speaks.
+            await self._refuse(
+                stream, None, "tls_required", "this port speaks TLS: connect with TLS"
+            )
+            return
+        except ssl.SSLError:  # the client got the alert that says why
+            self.refused["tls"] = self.refused.get("tls", 0) + 1
             return
         except EOFError:
             return
         decoder.max_frame = MAX_PLAYING_FRAME
-        await self._play(stream, decoder, login.name, entity, session)
+        await self._play(stream, decoder, login.name, entity, session, tls)
 
-    async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
+    async def _refuse(
+        self, stream: trio.SocketStream, tls: TlsLayer | None, code: str, message: str
+    ) -> None:
+        """Tell the client why it is refused (in TLS once its handshake is done; before it,
+        nothing can be said)."""
         self.refused[code] = self.refused.get(code, 0) + 1
-        with trio.move_on_after(1.0):
-            await stream.send_all(encode_frame(Error(code, message)))
+        data = encode_frame(Error(code, message))
+        if tls is not None:
+            data = tls.seal(data) + tls.close() if tls.established else b""
+        if data:
+            with trio.move_on_after(1.0):
+                await stream.send_all(data)
 
     async def _prove(self, login: Login, group: str) -> _Proof:
         """Check ``login`` (its resume token, else its secret) before it may enter.
@@ -583,7 +634,13 @@ class Gateway:
                 self._hash_turns.pop(group, None)
 
     async def _play(
-        self, stream: trio.SocketStream, decoder: FrameDecoder, name: str, entity: int, session: int
+        self,
+        stream: trio.SocketStream,
+        decoder: FrameDecoder,
+        name: str,
+        entity: int,
+        session: int,
+        tls: TlsLayer | None,
     ) -> None:
         client = Client(
             name,
@@ -595,6 +652,7 @@ class Gateway:
             tokens=float(self.config.input_burst),
             byte_tokens=float(self.config.input_bytes_burst),
             refilled=time.monotonic(),
+            tls=tls,
         )
         previous = self.clients.get(entity)
         if previous is not None:
@@ -657,7 +715,8 @@ class Gateway:
     async def _writer(
         self, stream: trio.SocketStream, client: Client, done: trio.CancelScope
     ) -> None:
-        """Drains what the kernel did not take at once, in order; then the error, if any."""
+        """Drains what the kernel did not take at once, in order; then the error, if any
+        (and on a TLS port the ``close_notify``)."""
         backlog = client.backlog
         try:
             while True:
@@ -669,9 +728,12 @@ class Gateway:
                     client.sent += len(backlog.popleft())
                 if client.closed:
                     break
-            if client.error is not None:
-                await stream.send_all(encode_frame(client.error))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            last = encode_frame(client.error) if client.error is not None else b""
+            if client.tls is not None:
+                last = (client.tls.seal(last) if last else b"") + client.tls.close()
+            if last:
+                await stream.send_all(last)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             pass
         finally:
             client.closed = True

@@ -10,10 +10,15 @@ with one clear line, whoever holds it) and then keeps a bound, never
 listening ``SO_REUSEPORT`` socket for its whole life, so the port stays
 meshd's while gateways die and start (the kernel lets only the same user
 join a reuse group).
+
+:func:`check_plaintext` keeps players' secrets off the network in clear: a
+players' port on an address other than loopback serves TLS, or says
+``gateway.allow_plaintext`` and is warned about at every start.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import attrs
@@ -28,6 +33,43 @@ def _addresses(config: GatewayConfig) -> list[tuple[int, tuple[str, int]]]:
     host, port = config.address()
     found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     return list(dict.fromkeys((family, address[:2]) for family, _, _, _, address in found))
+
+
+def exposed(config: GatewayConfig) -> list[str]:
+    """The addresses ``gateway.listen`` stands for that are not loopback (reachable from
+    other machines, or all of them: ``0.0.0.0``, ``::``)."""
+    try:
+        hosts = [host for _, (host, _) in _addresses(config)]
+    except OSError:
+        hosts = [config.address()[0]]  # unresolvable: reserve() says so
+    found = []
+    for host in hosts:
+        try:
+            loopback = ipaddress.ip_address(host.partition("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            found.append(host)
+    return found
+
+
+def check_plaintext(config: GatewayConfig) -> list[str]:
+    """Whether plain TCP may be served on ``gateway.listen``: the non-loopback addresses it
+    would be served on (for a warning: ``gateway.allow_plaintext`` says so), or none.
+
+    Raises :class:`ConfigError` (one line, naming the settings) for a plain
+    port on an address other than loopback without ``gateway.allow_plaintext``.
+    """
+    if config.tls_cert:
+        return []
+    hosts = exposed(config)
+    if hosts and not config.allow_plaintext:
+        raise ConfigError(
+            f"gateway.listen {config.listen} is reachable from other machines and the port "
+            "would speak plain TCP, players' names and secrets in clear: set gateway.tls_cert "
+            "and gateway.tls_key, or gateway.allow_plaintext = true to serve it anyway"
+        )
+    return hosts
 
 
 def _reuse_socket(family: int) -> socket.socket:

@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import meshd_json, run_world, start_daemon, write_config
+from conftest import run_world, start_daemon, stored_world, write_config
 
 from meshd.ops import admin
 
@@ -105,7 +105,7 @@ def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_
     assert killed is not None and failovers >= 1
     assert stats["peak_workers"] == 2 and stats["workers_started"] >= 1
     assert stats["workers_stopped"] >= 1 and stats["splits"] >= 1 and stats["merges"] >= 1
-    world = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    world = stored_world(config, with_hash=True)
     expected = run_world(
         tmp_path / "one", RUSH_DAY, "--workers", "1", "--ticks", str(world["tick"])
     )

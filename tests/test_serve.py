@@ -19,6 +19,7 @@ from conftest import (
     REPO,
     SPACE,
     TAVERN,
+    inspect,
     meshd,
     meshd_json,
     run_world,
@@ -123,7 +124,7 @@ def test_sigterm_writes_final_tick_and_leaves_no_orphans(tavern_config: Path) ->
     daemon = start_daemon(tavern_config, "--workers", "2", "--rate", "50")
     try:
         status = wait_for_status(tavern_config, lambda s: s["tick"] >= 5 and s["spares"])
-        pids = [w["pid"] for w in _workers(tavern_config)] + status["spares"]
+        pids = [w["pid"] for w in inspect(tavern_config, "workers")] + status["spares"]
         assert len(pids) == 3
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
@@ -138,7 +139,7 @@ def test_kill_9_of_the_core_leaves_no_orphans(tavern_config: Path) -> None:
     daemon = start_daemon(tavern_config, "--workers", "3", "--rate", "50")
     try:
         status = wait_for_status(tavern_config, lambda s: s["tick"] >= 3 and s["spares"])
-        pids = [w["pid"] for w in _workers(tavern_config)] + status["spares"]
+        pids = [w["pid"] for w in inspect(tavern_config, "workers")] + status["spares"]
         assert len(pids) == 4
         daemon.kill()
         daemon.wait(timeout=10)
@@ -152,7 +153,8 @@ def test_kill_9_of_the_core_leaves_no_orphans(tavern_config: Path) -> None:
 def test_inspect_views_have_the_contract_keys(tavern_config: Path) -> None:
     daemon = start_daemon(tavern_config, "--workers", "2", "--rate", "50")
     try:
-        status = wait_for_status(tavern_config, lambda s: s["tick"] >= 3)
+        wait_for_status(tavern_config, lambda s: s["tick"] >= 3)
+        status = meshd_json("inspect", "status", "--config", str(tavern_config))
         assert {"tick", "entities", "workers", "failovers", "rate_hz", "tick_ms"} <= set(status)
         assert {"p50", "p99"} <= set(status["tick_ms"])
         assert status["workers"] == 2 and status["entities"] >= 300

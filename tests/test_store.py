@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import PLUGINS, meshd, meshd_json, start_daemon, write_config
+from conftest import PLUGINS, meshd, meshd_json, start_daemon, stored_world, write_config
 from test_players import gateway_of
 
 from meshd import client
@@ -78,7 +78,7 @@ def test_meshd_continues_an_older_world_and_its_players_log_in(tmp_path: Path, n
     finally:
         daemon.terminate()
         assert daemon.wait(timeout=30) == 0
-    after = meshd_json("inspect", "world", "--config", str(config))
+    after = stored_world(config)
     assert after["tick"] > before["tick"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -144,13 +145,27 @@ def wait_for_status(
             raise AssertionError(f"the daemon exited early:\n{daemon.stderr.read()[-3000:]}")
         try:
             status = inspect(config, "status", timeout=10)
-        except admin.AdminError:
-            pass  # not listening yet
+        except (admin.AdminError, OSError):
+            pass  # not listening yet (or going away): as 'meshd inspect status' failing
         else:
             if predicate(status):
                 return status
         time.sleep(0.05)
     raise AssertionError("the daemon never reached the expected status")
+
+
+def terminate(config: Path, daemon: subprocess.Popen[str], timeout: float = 30) -> int:
+    """SIGTERM ``daemon`` once it has a spare worker ready; its exit status.
+
+    meshd exits 1 if SIGTERM comes while a spare is still starting (at start-up,
+    and after each failover or worker start): its stop kills the starting spare,
+    and the task waiting for it fails the whole serve. Tests whose subject is
+    not that wait until the spare is up, which a slow 'meshd inspect' used to
+    give them by chance.
+    """
+    wait_for_status(config, lambda s: s["spares"], daemon=daemon)
+    daemon.send_signal(signal.SIGTERM)
+    return daemon.wait(timeout=timeout)
 
 
 def process_gone(pid: int) -> bool:

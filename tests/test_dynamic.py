@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import run_world, start_daemon, stored_world, write_config
+from conftest import run_world, start_daemon, stored_world, terminate, write_config
 
 from meshd.ops import admin
 
@@ -96,8 +96,7 @@ def test_a_rush_splits_the_tavern_over_workers_and_dispersal_merges_it_back(tmp_
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.1)
         failovers = status["failovers"]
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=60) == 0, daemon.stderr.read()[-3000:]
+        assert terminate(config, daemon, timeout=60) == 0, daemon.stderr.read()[-3000:]
     finally:
         daemon.kill()
     assert seen[0][1] == 4 and seen[0][2] == 1, seen  # midnight: one worker, the starting grid

@@ -24,6 +24,7 @@ from conftest import (
     run_world,
     start_daemon,
     stored_world,
+    terminate,
     wait_for_status,
     wait_gone,
     write_config,
@@ -170,8 +171,7 @@ def test_a_killed_and_a_hung_worker_process_change_nothing(tmp_path: Path) -> No
             assert inspect(config, "workers")[victim]["epoch"] == 2
             assert wait_gone([before[victim]]) == []  # a hung worker is killed, not left behind
             assert status["workers"] == 3 and status["failovers"] >= failovers
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=60) == 0, daemon.stderr.read()
+        assert terminate(config, daemon, timeout=60) == 0, daemon.stderr.read()
     finally:
         daemon.kill()
     world = stored_world(config, with_hash=True)
@@ -324,8 +324,7 @@ def test_a_slot_that_keeps_dying_is_quarantined_and_the_rest_ticks_on(tmp_path: 
         assert later["quarantined_partitions"] == status["quarantined_partitions"]
         assert inspect(config, "entity", entity=2) == frozen_walker
         assert inspect(config, "entity", entity=21) != live_walker
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+        assert terminate(config, daemon) == 0, daemon.stderr.read()
         assert "partitions quarantined" in daemon.stderr.read()
     finally:
         daemon.kill()
@@ -467,8 +466,7 @@ def test_an_operator_releases_what_was_quarantined_without_a_restart(tmp_path: P
         assert [(w["id"], w["state"]) for w in workers] == [(0, "running"), (1, "running")]
         walker = inspect(config, "entity", entity=2)
         assert walker["state"]["steps"] > frozen["state"]["steps"] + 20  # it walks again
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0
+        assert terminate(config, daemon) == 0
         log = daemon.stderr.read()
     finally:
         daemon.kill()

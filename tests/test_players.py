@@ -17,7 +17,15 @@ from pathlib import Path
 import cbor2
 import pytest
 import trio
-from conftest import TAVERN, inspect, meshd, start_daemon, wait_for_status, write_config
+from conftest import (
+    TAVERN,
+    inspect,
+    meshd,
+    start_daemon,
+    terminate,
+    wait_for_status,
+    write_config,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -281,8 +289,7 @@ def test_a_player_and_a_dropped_mug_survive_a_restart(tmp_path: Path) -> None:
     try:
         me, mug = trio.run(first_visit, gateway_of(config))
         time.sleep(0.5)  # at least one persist tick after the mug fell
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0
+        assert terminate(config, daemon) == 0
     finally:
         daemon.kill()
 

@@ -362,48 +362,6 @@ def test_a_bot_crossing_workers_that_get_killed_sees_every_tick(tmp_path: Path) 
     assert owners == {1, 2}  # back and forth across the boundary of workers 1 and 2
 
 
-@pytest.mark.parametrize("engine", ["python", "native"])
-def test_bots_command_reports_everyone_connected(tmp_path: Path, engine: str) -> None:
-    config = write_config(tmp_path, PLAYERS)
-    daemon = start_daemon(config, "--rate", "20")
-
-    async def where_is(name: str) -> float:
-        async with await client.connect(host, port, name, f"{name}-secret") as player:
-            async for _view in player.views():
-                return player.world[player.entity].x
-        raise AssertionError("no view")
-
-    try:
-        host, port = gateway_of(config)
-        x_before = trio.run(where_is, "bot-1")
-        before, started = _status(config), time.monotonic()
-        result = meshd(
-            "bots",
-            "--connect",
-            f"{host}:{port}",
-            "--count",
-            "30",
-            "--duration",
-            "3",
-            "--scenario",
-            "cross",
-            "--engine",
-            engine,
-            "--json",
-        )
-        tick_rate = (_status(config)["tick"] - before["tick"]) / (time.monotonic() - started)
-        x_after = trio.run(where_is, "bot-1")
-    finally:
-        daemon.kill()
-        daemon.wait(timeout=10)
-    summary = json.loads(result.stdout)
-    assert summary["connected"] == 30 and summary["disconnects"] == 0
-    assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
-    # a view every tick, however fast the server ticks on this machine
-    assert summary["updates_per_s"] > 0.7 * tick_rate and summary["rtt_ms"]["p50"] > 0
-    assert abs(x_after - x_before) > 5.0  # the bots really walked
-
-
 def test_native_bots_report_a_malformed_view(tmp_path: Path) -> None:
     """The C bots walk every CBOR item: a truncated view is a disconnect, not a crash."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -500,3 +458,55 @@ def test_the_protocol_documents_examples_decode_strictly() -> None:
         (length,) = struct.unpack(">I", data[:4])
         assert length == len(data) - 4, example
         decode_message(data[4:], (*CLIENT_MESSAGES, *SERVER_MESSAGES))
+
+
+# -- the bots command, last: its daemon runs until the end of this file ----------
+
+
+@pytest.fixture(scope="module")
+def bots_server(tmp_path_factory):
+    """One tavern at 20 Hz for both bot engines (the last tests of this file, so it stops as
+    soon as they are done); each engine logs in the same 30 bots, with the same secrets."""
+    config = write_config(tmp_path_factory.mktemp("bots"), PLAYERS)
+    daemon = start_daemon(config, "--rate", "20")
+    try:
+        yield config, gateway_of(config)
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+
+
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_bots_command_reports_everyone_connected(bots_server, engine: str) -> None:
+    config, (host, port) = bots_server
+
+    async def where_is(name: str) -> float:
+        async with await client.connect(host, port, name, f"{name}-secret") as player:
+            async for _view in player.views():
+                return player.world[player.entity].x
+        raise AssertionError("no view")
+
+    x_before = trio.run(where_is, "bot-1")
+    before, started = _status(config), time.monotonic()
+    result = meshd(
+        "bots",
+        "--connect",
+        f"{host}:{port}",
+        "--count",
+        "30",
+        "--duration",
+        "3",
+        "--scenario",
+        "cross",
+        "--engine",
+        engine,
+        "--json",
+    )
+    tick_rate = (_status(config)["tick"] - before["tick"]) / (time.monotonic() - started)
+    x_after = trio.run(where_is, "bot-1")
+    summary = json.loads(result.stdout)
+    assert summary["connected"] == 30 and summary["disconnects"] == 0
+    assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
+    # a view every tick, however fast the server ticks on this machine
+    assert summary["updates_per_s"] > 0.7 * tick_rate and summary["rtt_ms"]["p50"] > 0
+    assert abs(x_after - x_before) > 5.0  # the bots really walked

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from meshd.common.config import load_config
+from meshd.ops import admin
+from meshd.ops.cli import _bytes_as_hex
+from meshd.ops.serve import SOCKET_NAME
+from meshd.store.offline import offline_world
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
@@ -87,7 +94,7 @@ def run_world(
     folder.mkdir(parents=True, exist_ok=True)
     config = write_config(folder, world)
     meshd("serve", "--config", str(config), "--rate", "0", "--seed", "7", *args, timeout=timeout)
-    return meshd_json("inspect", "world", "--config", str(config), "--hash")
+    return stored_world(config, with_hash=True)
 
 
 def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
@@ -101,24 +108,71 @@ def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
     )
 
 
+def admin_socket(config: Path) -> Path:
+    """The admin socket of the daemon serving ``config`` (where ``meshd inspect`` asks)."""
+    return load_config(config, search_default=False, environ={}).data_dir / SOCKET_NAME
+
+
+def inspect(config: Path, view: str, *, timeout: float = 60, **fields: Any) -> Any:
+    """What ``meshd inspect VIEW --config CONFIG --json`` prints while a daemon runs.
+
+    Asked on the daemon's admin socket from this process, as the command does
+    from its own: the same request, answer and JSON, without starting a Python
+    process that imports all of meshd (about a second each, more on a busy
+    machine). The command itself is tested in test_serve.py.
+    """
+    answer = admin.request(admin_socket(config), admin.AdminRequest(view, **fields), timeout)
+    return _as_printed(answer)
+
+
+def stored_world(config: Path, with_hash: bool = False) -> Any:
+    """What ``meshd inspect world [--hash] --config CONFIG --json`` prints once no daemon runs.
+
+    Read from the database by the function the command calls then, in this
+    process (the command itself is tested in test_serve.py).
+    """
+    return _as_printed(offline_world(admin_socket(config).parent, with_hash))
+
+
+def _as_printed(value: Any) -> Any:
+    """``value`` as the ``--json`` output of ``meshd inspect`` has it (bytes as hex)."""
+    return json.loads(json.dumps(value, default=_bytes_as_hex))
+
+
 def wait_for_status(
     config: Path,
     predicate=lambda s: s["tick"] > 0,
     timeout: float = 60,
     daemon: subprocess.Popen[str] | None = None,
 ) -> Any:
-    """Poll ``inspect status`` until ``predicate`` holds (while ``daemon`` runs)."""
+    """Poll the daemon's status until ``predicate`` holds (while ``daemon`` runs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon is not None and daemon.poll() is not None:
             raise AssertionError(f"the daemon exited early:\n{daemon.stderr.read()[-3000:]}")
-        result = meshd("inspect", "status", "--config", str(config), "--json", check=False)
-        if result.returncode == 0:
-            status = json.loads(result.stdout)
+        try:
+            status = inspect(config, "status", timeout=10)
+        except (admin.AdminError, OSError):
+            pass  # not listening yet (or going away): as 'meshd inspect status' failing
+        else:
             if predicate(status):
                 return status
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError("the daemon never reached the expected status")
+
+
+def terminate(config: Path, daemon: subprocess.Popen[str], timeout: float = 30) -> int:
+    """SIGTERM ``daemon`` once it has a spare worker ready; its exit status.
+
+    meshd exits 1 if SIGTERM comes while a spare is still starting (at start-up,
+    and after each failover or worker start): its stop kills the starting spare,
+    and the task waiting for it fails the whole serve. Tests whose subject is
+    not that wait until the spare is up, which a slow 'meshd inspect' used to
+    give them by chance.
+    """
+    wait_for_status(config, lambda s: s["spares"], daemon=daemon)
+    daemon.send_signal(signal.SIGTERM)
+    return daemon.wait(timeout=timeout)
 
 
 def process_gone(pid: int) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import start_daemon, wait_for_status, write_config
+from conftest import start_daemon, terminate, wait_for_status, write_config
 from test_players import PLAYERS, gateway_of
 
 from meshd import client
@@ -46,9 +46,8 @@ def serve_with_cost(tmp_path: Path, cost: int):
     return config, start_daemon(config, "--rate", "30")
 
 
-def stop(daemon) -> None:
-    daemon.terminate()
-    assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+def stop(config: Path, daemon) -> None:
+    assert terminate(config, daemon) == 0, daemon.stderr.read()
 
 
 def test_changing_the_hash_cost_locks_nobody_out(tmp_path: Path) -> None:
@@ -57,14 +56,14 @@ def test_changing_the_hash_cost_locks_nobody_out(tmp_path: Path) -> None:
     try:
         ada = log_in(config, "ada", "lovelace")
     finally:
-        stop(daemon)
+        stop(config, daemon)
     config, daemon = serve_with_cost(tmp_path, 11)
     try:
         assert log_in(config, "ada", "lovelace") == ada
         with pytest.raises(client.ServerError, match="auth"):
             log_in(config, "ada", "babbage")
     finally:
-        stop(daemon)
+        stop(config, daemon)
     assert accounts(config)["ada"] == ("scrypt:2048:8:1", ada)  # rehashed at the good login
 
 
@@ -103,7 +102,7 @@ def test_the_data_folder_and_everything_in_it_are_private(tmp_path: Path) -> Non
         assert {"meshd.lock", "meshd.sock", "world.db", "world.db-wal"} <= set(files)
         assert {name: mode(data / name) for name in files} == dict.fromkeys(files, 0o600)
     finally:
-        stop(daemon)
+        stop(config, daemon)
 
 
 def test_a_data_folder_that_cannot_be_made_private_is_refused(tmp_path, monkeypatch) -> None:

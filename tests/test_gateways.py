@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import meshd_json, start_daemon, wait_for_status, write_config
+from conftest import meshd_json, start_daemon, stored_world, wait_for_status, write_config
 from inprocess import InProcessMesh, new_world
 
 from meshd import client
@@ -83,7 +83,7 @@ def test_a_killed_gateway_costs_its_players_a_reconnect_and_nobody_else_a_tick(
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
-    stored = meshd_json("inspect", "world", "--config", str(config), "--hash")
+    stored = stored_world(config, with_hash=True)
 
     bots = summary["per_bot"]
     reconnected = [b for b in bots if b["reconnects"]]

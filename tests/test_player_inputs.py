@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import REPO, meshd_json, start_daemon, write_config
+from conftest import REPO, inspect, start_daemon, write_config
 from test_players import PLAYERS, gateway_of
 
 from meshd import client
@@ -31,7 +31,7 @@ def tavern(tmp_path_factory):
 
 
 def status(config: Path) -> dict:
-    return meshd_json("inspect", "status", "--config", str(config))
+    return inspect(config, "status")
 
 
 async def raw_input(player: client.Player, seq: int, action: str, args: dict) -> None:

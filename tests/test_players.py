@@ -17,7 +17,15 @@ from pathlib import Path
 import cbor2
 import pytest
 import trio
-from conftest import TAVERN, meshd, meshd_json, start_daemon, wait_for_status, write_config
+from conftest import (
+    TAVERN,
+    inspect,
+    meshd,
+    start_daemon,
+    terminate,
+    wait_for_status,
+    write_config,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -246,12 +254,13 @@ def test_hostile_frames_get_their_error_and_nobody_else_notices(server) -> None:
         assert seen == list(range(seen[0], seen[0] + len(seen)))  # the bystander missed nothing
 
     trio.run(main)
-    status = _status(config)
-    assert status["tick"] > 0 and status["gateway"]["players"] == 0
+    # everyone has gone (the gateway notices each closed connection in its own time)
+    status = wait_for_status(config, lambda s: s["gateway"]["players"] == 0)
+    assert status["tick"] > 0
 
 
 def _status(config: Path) -> dict:
-    return meshd_json("inspect", "status", "--config", str(config))
+    return inspect(config, "status")
 
 
 def test_a_player_and_a_dropped_mug_survive_a_restart(tmp_path: Path) -> None:
@@ -280,8 +289,7 @@ def test_a_player_and_a_dropped_mug_survive_a_restart(tmp_path: Path) -> None:
     try:
         me, mug = trio.run(first_visit, gateway_of(config))
         time.sleep(0.5)  # at least one persist tick after the mug fell
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0
+        assert terminate(config, daemon) == 0
     finally:
         daemon.kill()
 
@@ -321,11 +329,13 @@ def test_a_bot_crossing_workers_that_get_killed_sees_every_tick(tmp_path: Path) 
                     async def killer() -> None:
                         for _ in range(4):
                             await trio.sleep(1.5)
-                            workers = await trio.to_thread.run_sync(
-                                meshd_json, "inspect", "workers", "--config", str(config)
-                            )
+                            workers = await trio.to_thread.run_sync(inspect, config, "workers")
                             os.kill(workers[len(ticks) % len(workers)]["pid"], signal.SIGKILL)
                         await trio.sleep(1.5)
+                        # ... and on until it has crossed both ways, however slowly it ticks
+                        with trio.move_on_after(60):
+                            while len(ticks) <= 100 or not {1, 2} <= owners:
+                                await trio.sleep(0.1)
                         nursery.cancel_scope.cancel()
 
                     nursery.start_soon(killer)
@@ -350,48 +360,6 @@ def test_a_bot_crossing_workers_that_get_killed_sees_every_tick(tmp_path: Path) 
     assert len(ticks) > 100 and ticks == list(range(ticks[0], ticks[0] + len(ticks)))
     assert missing == []
     assert owners == {1, 2}  # back and forth across the boundary of workers 1 and 2
-
-
-@pytest.mark.parametrize("engine", ["python", "native"])
-def test_bots_command_reports_everyone_connected(tmp_path: Path, engine: str) -> None:
-    config = write_config(tmp_path, PLAYERS)
-    daemon = start_daemon(config, "--rate", "20")
-
-    async def where_is(name: str) -> float:
-        async with await client.connect(host, port, name, f"{name}-secret") as player:
-            async for _view in player.views():
-                return player.world[player.entity].x
-        raise AssertionError("no view")
-
-    try:
-        host, port = gateway_of(config)
-        x_before = trio.run(where_is, "bot-1")
-        before, started = _status(config), time.monotonic()
-        result = meshd(
-            "bots",
-            "--connect",
-            f"{host}:{port}",
-            "--count",
-            "30",
-            "--duration",
-            "3",
-            "--scenario",
-            "cross",
-            "--engine",
-            engine,
-            "--json",
-        )
-        tick_rate = (_status(config)["tick"] - before["tick"]) / (time.monotonic() - started)
-        x_after = trio.run(where_is, "bot-1")
-    finally:
-        daemon.kill()
-        daemon.wait(timeout=10)
-    summary = json.loads(result.stdout)
-    assert summary["connected"] == 30 and summary["disconnects"] == 0
-    assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
-    # a view every tick, however fast the server ticks on this machine
-    assert summary["updates_per_s"] > 0.7 * tick_rate and summary["rtt_ms"]["p50"] > 0
-    assert abs(x_after - x_before) > 5.0  # the bots really walked
 
 
 def test_native_bots_report_a_malformed_view(tmp_path: Path) -> None:
@@ -490,3 +458,55 @@ def test_the_protocol_documents_examples_decode_strictly() -> None:
         (length,) = struct.unpack(">I", data[:4])
         assert length == len(data) - 4, example
         decode_message(data[4:], (*CLIENT_MESSAGES, *SERVER_MESSAGES))
+
+
+# -- the bots command, last: its daemon runs until the end of this file ----------
+
+
+@pytest.fixture(scope="module")
+def bots_server(tmp_path_factory):
+    """One tavern at 20 Hz for both bot engines (the last tests of this file, so it stops as
+    soon as they are done); each engine logs in the same 30 bots, with the same secrets."""
+    config = write_config(tmp_path_factory.mktemp("bots"), PLAYERS)
+    daemon = start_daemon(config, "--rate", "20")
+    try:
+        yield config, gateway_of(config)
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+
+
+@pytest.mark.parametrize("engine", ["python", "native"])
+def test_bots_command_reports_everyone_connected(bots_server, engine: str) -> None:
+    config, (host, port) = bots_server
+
+    async def where_is(name: str) -> float:
+        async with await client.connect(host, port, name, f"{name}-secret") as player:
+            async for _view in player.views():
+                return player.world[player.entity].x
+        raise AssertionError("no view")
+
+    x_before = trio.run(where_is, "bot-1")
+    before, started = _status(config), time.monotonic()
+    result = meshd(
+        "bots",
+        "--connect",
+        f"{host}:{port}",
+        "--count",
+        "30",
+        "--duration",
+        "3",
+        "--scenario",
+        "cross",
+        "--engine",
+        engine,
+        "--json",
+    )
+    tick_rate = (_status(config)["tick"] - before["tick"]) / (time.monotonic() - started)
+    x_after = trio.run(where_is, "bot-1")
+    summary = json.loads(result.stdout)
+    assert summary["connected"] == 30 and summary["disconnects"] == 0
+    assert summary["tick_gaps"] == 0 and summary["missing_self"] == 0
+    # a view every tick, however fast the server ticks on this machine
+    assert summary["updates_per_s"] > 0.7 * tick_rate and summary["rtt_ms"]["p50"] > 0
+    assert abs(x_after - x_before) > 5.0  # the bots really walked

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import cbor2
@@ -19,6 +20,7 @@ from conftest import (
     REPO,
     SPACE,
     TAVERN,
+    inspect,
     meshd,
     meshd_json,
     run_world,
@@ -123,7 +125,7 @@ def test_sigterm_writes_final_tick_and_leaves_no_orphans(tavern_config: Path) ->
     daemon = start_daemon(tavern_config, "--workers", "2", "--rate", "50")
     try:
         status = wait_for_status(tavern_config, lambda s: s["tick"] >= 5 and s["spares"])
-        pids = [w["pid"] for w in _workers(tavern_config)] + status["spares"]
+        pids = [w["pid"] for w in inspect(tavern_config, "workers")] + status["spares"]
         assert len(pids) == 3
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
@@ -138,7 +140,7 @@ def test_kill_9_of_the_core_leaves_no_orphans(tavern_config: Path) -> None:
     daemon = start_daemon(tavern_config, "--workers", "3", "--rate", "50")
     try:
         status = wait_for_status(tavern_config, lambda s: s["tick"] >= 3 and s["spares"])
-        pids = [w["pid"] for w in _workers(tavern_config)] + status["spares"]
+        pids = [w["pid"] for w in inspect(tavern_config, "workers")] + status["spares"]
         assert len(pids) == 4
         daemon.kill()
         daemon.wait(timeout=10)
@@ -147,50 +149,6 @@ def test_kill_9_of_the_core_leaves_no_orphans(tavern_config: Path) -> None:
     assert wait_gone(pids) == []
     # The stale socket and lock of the killed core do not block a restart.
     meshd("serve", "--config", str(tavern_config), "--rate", "0", "--ticks", "5")
-
-
-def test_inspect_views_have_the_contract_keys(tavern_config: Path) -> None:
-    daemon = start_daemon(tavern_config, "--workers", "2", "--rate", "50")
-    try:
-        status = wait_for_status(tavern_config, lambda s: s["tick"] >= 3)
-        assert {"tick", "entities", "workers", "failovers", "rate_hz", "tick_ms"} <= set(status)
-        assert {"p50", "p99"} <= set(status["tick_ms"])
-        assert status["workers"] == 2 and status["entities"] >= 300
-        workers = _workers(tavern_config)
-        for worker in workers:
-            assert {"id", "pid", "epoch", "partitions", "entities", "cost_ms"} <= set(worker)
-        assert sorted(w["id"] for w in workers) == [0, 1]
-        assert all(w["entities"] > 0 and w["epoch"] == 1 for w in workers)
-        partitions = meshd_json("inspect", "partitions", "--config", str(tavern_config))
-        assert len(partitions) == 16
-        for leaf in partitions:
-            assert {"id", "bounds", "worker", "entities", "cost_ms"} <= set(leaf)
-        entity = meshd_json("inspect", "entity", "1", "--config", str(tavern_config))
-        assert {"id", "kind", "x", "y", "owner", "state"} <= set(entity)
-        assert entity["kind"] == "patron" and "anger" in entity["state"]
-        world = meshd_json("inspect", "world", "--hash", "--config", str(tavern_config))
-        assert {"tick", "entities", "hash"} <= set(world) and len(world["hash"]) == 64
-        missing = meshd(
-            "inspect", "entity", "999999", "--config", str(tavern_config), "--json", check=False
-        )
-        assert missing.returncode == 1 and "no entity 999999" in missing.stderr
-        human = meshd("inspect", "status", "--config", str(tavern_config))
-        assert "tick" in human.stdout
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-
-
-def test_second_core_on_the_same_data_refuses(tavern_config: Path) -> None:
-    daemon = start_daemon(tavern_config, "--workers", "1", "--rate", "20")
-    try:
-        wait_for_status(tavern_config)
-        second = meshd("serve", "--config", str(tavern_config), "--ticks", "1", check=False)
-        assert second.returncode == 1
-        assert "another meshd is already serving" in second.stderr
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
 
 
 def test_inspect_without_daemon_or_database_fails_clearly(tmp_path: Path) -> None:
@@ -363,18 +321,6 @@ def test_a_declared_migration_loads_an_old_world_and_stores_it_in_the_new_form(
     assert states[2] == {"paces": "10", "fresh": 7}
 
 
-def test_the_cost_report_counts_entities_crossing_workers(tavern_config: Path) -> None:
-    daemon = start_daemon(tavern_config, "--workers", "3", "--rate", "50")
-    try:
-        wait_for_status(tavern_config, lambda s: s["tick"] >= 100, daemon=daemon)
-        stats = meshd_json("inspect", "stats", "--config", str(tavern_config))
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-    assert stats["mode"] == "static" and stats["plans"] == 0 and stats["plan_handoffs"] == 0
-    assert stats["handoffs"] > 10 and stats["handoffs_per_s"] > 0
-
-
 def test_each_benchmark_is_a_subcommand_with_only_its_own_options() -> None:
     options = {
         name: set(re.findall(r"--[a-z-]+", meshd("bench", name, "--help").stdout))
@@ -479,3 +425,63 @@ def test_world_state_is_stored_shown_and_a_failing_world_event_logged_once(tmp_p
     meshd("serve", "--config", str(config), "--rate", "0", "--ticks", "5")
     later = meshd_json("inspect", "world", "--config", str(config))["world_state"]["teams"]
     assert later["red"] + later["blue"] > scores["red"] + scores["blue"]  # went on from there
+
+
+# -- one daemon for the tests that only read it --------------------------------
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory) -> Iterator[Path]:
+    """A tavern on 3 workers at 50 Hz, shared by the tests below (the last of this file, so it
+    stops as soon as they are done): each only reads it, and one second core is refused."""
+    config = write_config(tmp_path_factory.mktemp("serving"), TAVERN)
+    daemon = start_daemon(config, "--workers", "3", "--rate", "50")
+    try:
+        wait_for_status(config, lambda s: s["tick"] >= 3, daemon=daemon)
+        yield config
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        finally:
+            daemon.kill()
+
+
+def test_inspect_views_have_the_contract_keys(serving: Path) -> None:
+    status = meshd_json("inspect", "status", "--config", str(serving))
+    assert {"tick", "entities", "workers", "failovers", "rate_hz", "tick_ms"} <= set(status)
+    assert {"p50", "p99"} <= set(status["tick_ms"])
+    assert status["workers"] == 3 and status["entities"] >= 300
+    workers = _workers(serving)
+    for worker in workers:
+        assert {"id", "pid", "epoch", "partitions", "entities", "cost_ms"} <= set(worker)
+    assert sorted(w["id"] for w in workers) == [0, 1, 2]
+    assert all(w["entities"] > 0 and w["epoch"] == 1 for w in workers)
+    partitions = meshd_json("inspect", "partitions", "--config", str(serving))
+    assert len(partitions) == 16
+    for leaf in partitions:
+        assert {"id", "bounds", "worker", "entities", "cost_ms"} <= set(leaf)
+    entity = meshd_json("inspect", "entity", "1", "--config", str(serving))
+    assert {"id", "kind", "x", "y", "owner", "state"} <= set(entity)
+    assert entity["kind"] == "patron" and "anger" in entity["state"]
+    world = meshd_json("inspect", "world", "--hash", "--config", str(serving))
+    assert {"tick", "entities", "hash"} <= set(world) and len(world["hash"]) == 64
+    missing = meshd("inspect", "entity", "999999", "--config", str(serving), "--json", check=False)
+    assert missing.returncode == 1 and "no entity 999999" in missing.stderr
+    human = meshd("inspect", "status", "--config", str(serving))
+    assert "tick" in human.stdout
+
+
+def test_second_core_on_the_same_data_refuses(serving: Path) -> None:
+    second = meshd("serve", "--config", str(serving), "--ticks", "1", check=False)
+    assert second.returncode == 1
+    assert "another meshd is already serving" in second.stderr
+    after = inspect(serving, "status")["tick"]
+    wait_for_status(serving, lambda s: s["tick"] > after)  # the first one serves on
+
+
+def test_the_cost_report_counts_entities_crossing_workers(serving: Path) -> None:
+    wait_for_status(serving, lambda s: s["tick"] >= 100)
+    stats = meshd_json("inspect", "stats", "--config", str(serving))
+    assert stats["mode"] == "static" and stats["plans"] == 0 and stats["plan_handoffs"] == 0
+    assert stats["handoffs"] > 10 and stats["handoffs_per_s"] > 0

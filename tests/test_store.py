@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import PLUGINS, meshd, meshd_json, start_daemon, write_config
+from conftest import (
+    PLUGINS,
+    meshd,
+    meshd_json,
+    start_daemon,
+    stored_world,
+    terminate,
+    write_config,
+)
 from test_players import gateway_of
 
 from meshd import client
@@ -77,9 +85,8 @@ def test_meshd_continues_an_older_world_and_its_players_log_in(tmp_path: Path, n
         with pytest.raises(client.ServerError, match="auth"):
             trio.run(client.connect, *gateway_of(config), "bea", "ada-secret")
     finally:
-        daemon.terminate()
-        assert daemon.wait(timeout=30) == 0
-    after = meshd_json("inspect", "world", "--config", str(config))
+        assert terminate(config, daemon) == 0
+    after = stored_world(config)
     assert after["tick"] > before["tick"]
 
 

@@ -12,6 +12,8 @@ the runners count their waits at the world's edge in the world state, which gain
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +265,25 @@ def test_the_reload_command_needs_a_running_daemon(tmp_path: Path) -> None:
     config, _relay = _world(tmp_path)
     result = _reload(config)
     assert result.returncode == 1 and "no meshd daemon is running" in result.stderr
+
+
+def test_a_plugin_file_broken_on_disk_does_not_take_the_daemon_down(tmp_path: Path) -> None:
+    """Issue: a warm spare started after a plugin file was broken failed to load it, and
+    that failure stopped the whole daemon. Now the world ticks on and the log says why."""
+    config, relay = _world(tmp_path)
+    daemon = start_daemon(config, "--rate", "50")
+    try:
+        status = wait_for_status(config, lambda s: s["spares"], daemon=daemon)
+        relay.write_text(VERSION_2.replace("import attrs", "import attrs, no_such_module"))
+        worker = meshd_json("inspect", "workers", "--config", str(config))[0]
+        os.kill(worker["pid"], signal.SIGKILL)  # its slot takes the spare; a new one fails
+        later = wait_for_status(
+            config, lambda s: s["failovers"] >= 1 and s["tick"] > status["tick"] + 50, daemon=daemon
+        )
+        alive = daemon.poll() is None
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+    log = daemon.stderr.read()
+    assert alive and later["failovers"] == 1
+    assert "a warm spare did not start; trying again" in log and "no_such_module" in log

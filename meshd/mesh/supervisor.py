@@ -32,6 +32,8 @@ from meshd.mesh.worker import TOKEN_ENV
 
 WORKER_FRAME_CAP = 1 << 30
 STARTUP_TIMEOUT = 30.0
+SPARE_RETRY_MAX = 60.0
+"""Seconds between attempts at most, while warm spares fail to start."""
 
 
 class WorkerFailed(Exception):
@@ -173,10 +175,20 @@ class Supervisor:
         if self._refilling:
             return
         self._refilling = True
+        wait = 1.0
         try:
             while len(self.spares) < self.spare_count:
                 self._spares_started += 1
-                self.spares.append(await self._spawn(-self._spares_started, 1))
+                try:
+                    self.spares.append(await self._spawn(-self._spares_started, 1))
+                except WorkerFailed as failure:
+                    # (A plugin file broken on disk, say.) Running slots are not hurt: keep
+                    # trying, and say so, without taking the daemon down.
+                    self._log.warning(
+                        "a warm spare did not start; trying again", reason=failure.reason, wait=wait
+                    )
+                    await trio.sleep(wait)
+                    wait = min(wait * 2, SPARE_RETRY_MAX)
         finally:
             self._refilling = False
 

@@ -116,6 +116,7 @@ class Player:
         name: str = "",
         secret: str = "",
         reconnect_within: float = 0.0,
+        local_address: str | None = None,
     ) -> None:
         self.stream = stream
         self.welcome = welcome
@@ -129,6 +130,7 @@ class Player:
         """For each reconnect, milliseconds from noticing the loss to the new ``Welcome``."""
         self.reconnect_within = reconnect_within if address is not None else 0.0
         self._address = address
+        self._local_address = local_address
         self._name = name
         self._secret = secret
         self._decoder = decoder
@@ -338,7 +340,9 @@ class Player:
         with trio.move_on_after(self.reconnect_within):
             while True:
                 try:
-                    return await _login(host, port, self._name, self._secret, self.resume)
+                    return await _login(
+                        host, port, self._name, self._secret, self.resume, self._local_address
+                    )
                 except ServerError as exc:
                     if exc.code not in RETRY_CODES:
                         raise
@@ -393,7 +397,7 @@ async def _receive(stream: trio.SocketStream, decoder: FrameDecoder) -> Any:
 
 
 async def _login(
-    host: str, port: int, name: str, secret: str, resume: str
+    host: str, port: int, name: str, secret: str, resume: str, local_address: str | None = None
 ) -> tuple[trio.SocketStream, FrameDecoder, Welcome]:
     """A new connection, logged in: its stream, decoder and ``Welcome``.
 
@@ -402,7 +406,7 @@ async def _login(
     ``trio.BrokenResourceError``) when the connection ends before the
     ``Welcome``.
     """
-    stream = await trio.open_tcp_stream(host, port)
+    stream = await trio.open_tcp_stream(host, port, local_address=local_address)
     try:
         login = Login(version=PROTOCOL_VERSION, name=name, secret=secret, resume=resume)
         await stream.send_all(encode_frame(login))
@@ -419,16 +423,24 @@ async def _login(
 
 
 async def connect(
-    host: str, port: int, name: str, secret: str, *, reconnect_within: float = RECONNECT_WITHIN
+    host: str,
+    port: int,
+    name: str,
+    secret: str,
+    *,
+    reconnect_within: float = RECONNECT_WITHIN,
+    local_address: str | None = None,
 ) -> Player:
     """Connect and log in (claiming ``name`` with ``secret`` if it is new).
 
     ``reconnect_within``: seconds to try again when the connection breaks
-    later (0: never; see the module). This first login is tried once:
-    ``OSError`` when no connection is made, :class:`ServerError` when the
-    server refuses it, :class:`ConnectionLost` when it closes first.
+    later (0: never; see the module). ``local_address``: the address to
+    connect from (any of the host's own; ``127.0.0.2`` is a second loopback
+    address). This first login is tried once: ``OSError`` when no connection
+    is made, :class:`ServerError` when the server refuses it,
+    :class:`ConnectionLost` when it closes first.
     """
-    stream, decoder, welcome = await _login(host, port, name, secret, "")
+    stream, decoder, welcome = await _login(host, port, name, secret, "", local_address)
     return Player(
         stream,
         welcome,
@@ -437,4 +449,5 @@ async def connect(
         name=name,
         secret=secret,
         reconnect_within=reconnect_within,
+        local_address=local_address,
     )

@@ -19,6 +19,7 @@ the check of its value, so one file answers "what can I set?".
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -111,6 +112,16 @@ class GatewayConfig:
     hash_cost: int = 12
     """log2 of scrypt's N for player secrets (12 = 4 MiB, about 15 ms per login here;
     each step up doubles both, and the time every login takes)."""
+    signup: Literal["open", "closed"] = "open"
+    """open: a login with a new name claims it; closed: only names an operator created
+    (``meshd accounts create``) log in."""
+    signup_per_address: int = 3
+    """New names a minute that players may claim from one address..."""
+    signup_per_minute: int = 30
+    """...and from all addresses together."""
+    signup_trusted: list[str] = attrs.field(factory=lambda: ["127.0.0.1", "::1"])
+    """Addresses whose new names are not limited (bots and tests on the server's own host;
+    empty it when a proxy on this host forwards players)."""
 
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
@@ -348,8 +359,30 @@ def _validate(config: Config) -> list[str]:
     need(gateway.input_burst >= 1, "gateway.input_burst", "a count >= 1", gateway.input_burst)
     need(gateway.send_queue >= 1, "gateway.send_queue", "a count >= 1", gateway.send_queue)
     need(10 <= gateway.hash_cost <= 20, "gateway.hash_cost", "10..20", gateway.hash_cost)
+    need(
+        gateway.signup_per_address >= 1,
+        "gateway.signup_per_address",
+        "new names a minute >= 1",
+        gateway.signup_per_address,
+    )
+    need(
+        gateway.signup_per_minute >= 1,
+        "gateway.signup_per_minute",
+        "new names a minute >= 1",
+        gateway.signup_per_minute,
+    )
+    for address in gateway.signup_trusted:
+        need(_is_ip(address), "gateway.signup_trusted", "a list of IP addresses", address)
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_config(

@@ -4,10 +4,11 @@ Requests and answers are single frames: an :class:`AdminRequest` in, an
 :class:`AdminAnswer` out. The views read the core's state between ticks
 (trio runs one task at a time), so every answer is consistent.
 
-``release`` and ``reload`` are the commands that change the world; they are
-taken only from the daemon's own user (checked with the connection's peer
-credentials, on top of the socket's file mode) and logged with the caller's
-pid and uid.
+The ``WRITES`` change the world or the accounts (``release``, ``reload``,
+and creating, renaming, disabling, enabling or deleting an account); they
+are taken only from the daemon's own user (checked with the connection's
+peer credentials, on top of the socket's file mode) and logged with the
+caller's pid and uid. ``accounts`` lists the accounts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from meshd.mesh.core import Release
 from meshd.mesh.layout import parse_leaf, sorted_leaves
 from meshd.mesh.reload import request_reload
 from meshd.mesh.usage import percentile
+from meshd.players.fleet import Gateways
 
 if TYPE_CHECKING:
     from meshd.mesh.core import Core
@@ -43,8 +45,17 @@ VIEWS = (
     "map",
     "release",
     "reload",
+    "accounts",
+    "create_account",
+    "rename_account",
+    "disable_account",
+    "enable_account",
+    "delete_account",
 )
-WRITES = frozenset({"release", "reload"})
+ACCOUNT_WRITES = frozenset(
+    {"create_account", "rename_account", "disable_account", "enable_account", "delete_account"}
+)
+WRITES = frozenset({"release", "reload", *ACCOUNT_WRITES})
 HASH_TIMEOUT = 30.0
 RELEASE_TIMEOUT = 60.0
 """A release waits for a checkpoint and maybe for a worker process to start."""
@@ -62,6 +73,12 @@ class AdminRequest:
     """...or every quarantined entity..."""
     partitions: bool = False
     """...and/or every quarantined partition."""
+    name: str = ""
+    """The account an account command is about..."""
+    new_name: str = ""
+    """...its new name (``rename_account``)..."""
+    secret: str = attrs.field(default="", repr=False)
+    """...and its secret (``create_account``; never logged)."""
 
 
 @attrs.define
@@ -73,6 +90,10 @@ class AdminAnswer:
 
 class AdminError(Exception):
     """The daemon could not be reached or refused the request."""
+
+
+class NoDaemon(AdminError):
+    """No daemon listens on the admin socket (none runs on this data folder)."""
 
 
 def _round(value: float) -> float:
@@ -230,13 +251,35 @@ def peer_credentials(stream: trio.SocketStream) -> dict[str, int]:
     return {"pid": pid, "uid": uid}
 
 
+async def accounts(core: Core, request: AdminRequest, peer: dict[str, int]) -> Any:
+    """``accounts`` and the account commands, done by the core's side of the players."""
+    gateway = core.gateway
+    if not isinstance(gateway, Gateways):
+        raise ValueError(
+            "this daemon serves no players (gateway.listen is empty): change its accounts "
+            "with the daemon stopped"
+        )
+    view, name = request.view, request.name
+    if view == "accounts":
+        return gateway.accounts_view()
+    if view == "create_account":
+        return await gateway.create_account(name, request.secret, peer)
+    if view == "rename_account":
+        return await gateway.rename_account(name, request.new_name, peer)
+    if view in ("disable_account", "enable_account"):
+        return await gateway.disable_account(name, view == "disable_account", peer)
+    assert view == "delete_account"
+    return await gateway.delete_account(name, peer)
+
+
 async def answer(
     core: Core, request: AdminRequest, peer: dict[str, int] | None = None
 ) -> AdminAnswer:
     if request.view in WRITES and (peer is None or peer["uid"] != os.geteuid()):
+        what = "the accounts" if request.view in ACCOUNT_WRITES else "the world"
         return AdminAnswer(
             ok=False,
-            error=f"{request.view} changes the world: only the daemon's own user "
+            error=f"{request.view} changes {what}: only the daemon's own user "
             f"(uid {os.geteuid()}) may ask for it",
         )
     try:
@@ -264,6 +307,8 @@ async def answer(
         elif request.view == "reload":
             assert peer is not None
             result = await request_reload(core, peer)
+        elif request.view == "accounts" or request.view in ACCOUNT_WRITES:
+            result = await accounts(core, request, peer or {})
         else:
             raise ValueError(f"unknown view {request.view!r}; one of {', '.join(VIEWS)}")
     except (KeyError, ValueError, trio.TooSlowError) as exc:
@@ -317,7 +362,7 @@ def request(path: Path, request: AdminRequest, timeout: float = 60.0) -> Any:
     except EOFError:
         raise AdminError("the daemon closed the admin connection") from None
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise AdminError(f"no meshd daemon is running here ({path}: {exc.strerror})") from None
+        raise NoDaemon(f"no meshd daemon is running here ({path}: {exc.strerror})") from None
     except TimeoutError:
         raise AdminError(f"the daemon at {path} did not answer within {timeout} s") from None
     reply = decode_message(body, (AdminAnswer,))

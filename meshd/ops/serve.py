@@ -32,8 +32,8 @@ from meshd.mesh.step import create_world
 from meshd.mesh.supervisor import Supervisor
 from meshd.mesh.tick import Pipeline
 from meshd.ops.admin import serve_admin
-from meshd.players.accounts import Account
-from meshd.players.fleet import Gateways, cell_size
+from meshd.players.accounts import Account, Registry
+from meshd.players.fleet import AccountStore, Gateways, cell_size
 from meshd.players.journal import JOURNAL_NAME, Journal
 from meshd.players.ports import Reservation, reserve
 from meshd.store.codec import Delta, WorldSnapshot
@@ -157,6 +157,33 @@ def _heal_or_warn(snapshot: WorldSnapshot, plugins: PluginSet) -> None:
         )
 
 
+def load_accounts(store: Store) -> tuple[Registry, list[tuple[str, str]]]:
+    """The stored accounts, and the stored names (``(was, now)``) that took their canonical
+    form, written back now (:meth:`Registry.load`)."""
+    registry, renames = Registry.load(
+        (name, Account(salt, digest, entity, kdf, disabled))
+        for name, salt, digest, entity, kdf, disabled in store.players()
+    )
+    for old, new in renames:
+        store.rename_account(old, new)
+    return registry, renames
+
+
+def _accounts(store: Store) -> Registry:
+    """The stored accounts for the daemon, what changed in them at loading logged."""
+    registry, renames = load_accounts(store)
+    log = get_logger(component="core")
+    for old, new in renames:
+        log.info("stored name renamed to its canonical form", was=old, name=new)
+    for name, why in registry.unreachable.items():
+        log.warning(
+            "no login can reach this account: `meshd accounts rename` or `delete` it",
+            name=name,
+            why=why,
+        )
+    return registry
+
+
 async def serve(
     config: Config,
     *,
@@ -207,11 +234,6 @@ async def serve(
         layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
         store_lock = trio.CapacityLimiter(1)
 
-        async def store_account(name: str, salt: bytes, digest: bytes, kdf: str) -> None:
-            await trio.to_thread.run_sync(
-                store.put_account, name, salt, digest, kdf, limiter=store_lock
-            )
-
         replication = Replication(
             plugins,
             world,
@@ -249,13 +271,10 @@ async def serve(
                 plugins,
                 world,
                 replication,
-                {
-                    name: Account(salt, digest, entity, kdf)
-                    for name, salt, digest, entity, kdf in store.players()
-                },
+                _accounts(store),
                 supervisor,
                 reservation,
-                store_account,
+                AccountStore(store, store_lock),
                 journal,
             )
             if players

@@ -6,10 +6,12 @@ on the players' address itself (:mod:`meshd.players.ports`: the kernel
 spreads connections over the gateways, and players see one address) and
 owns the players it accepts:
 
-- **logins**: the ``Login`` within ``gateway.login_timeout``; a valid resume
-  token skips the secret, otherwise the core gives the account (``Lookup``)
-  and the secret is hashed here, in a thread; the core gives the entity
-  (``Enter``);
+- **logins**: the ``Login`` within ``gateway.login_timeout``; its name in
+  canonical form (:mod:`meshd.players.names`: NFKC, trimmed, one script) or
+  refused; a valid resume token skips the secret, otherwise the core gives
+  the account (``Lookup``, or why the login is refused: sign-ups closed or
+  limited, the account disabled) and the secret is hashed here, in a
+  thread; the core gives the entity (``Enter``);
 - **inputs**: when a tick's :class:`~meshd.players.messages.Publish`
   arrives, one ``epoll`` poll finds the players that sent something and
   only those are read (token bucket, inputs checked, pings answered); what
@@ -73,6 +75,7 @@ from meshd.players.messages import (
     Lookup,
     Publish,
 )
+from meshd.players.names import BadName, canonical_name
 from meshd.players.ports import open_listeners
 from meshd.players.protocol import (
     MAX_CLIENT_FRAME,
@@ -91,7 +94,7 @@ from meshd.players.protocol import (
     encode_frame,
 )
 from meshd.players.views import Mirror
-from meshd.plugin import JOIN, LEAVE, Arg, check_input
+from meshd.plugin import FORGET, JOIN, LEAVE, Arg, check_input
 
 SEND_BUFFER = 256 << 10
 RECEIVE_PER_TICK = 64 << 10
@@ -241,7 +244,7 @@ class Gateway:
 
     def _adopt(self, actions: Actions) -> None:
         """What players may send: at start, and when the plugins' code changed."""
-        self.actions = set(actions.actions) - {JOIN, LEAVE}
+        self.actions = set(actions.actions) - {JOIN, LEAVE, FORGET}
         self.shapes, self.players = actions.shapes, actions.players
 
     async def _ask(self, request: Lookup | Enter) -> Any:
@@ -449,7 +452,11 @@ class Gateway:
                 raise Refused("login_first", "the first message must be a login")
             if login.version != PROTOCOL_VERSION:
                 raise Refused("version", f"this server speaks protocol {PROTOCOL_VERSION}")
-            entity = await self._log_in(login, session)
+            try:
+                name = canonical_name(login.name)
+            except BadName as exc:
+                raise Refused("bad_name", str(exc)) from None
+            entity = await self._log_in(login, name, session, _peer_address(stream))
         except trio.TooSlowError:
             await self._refuse(stream, "login_timeout", "no login in time")
             return
@@ -461,15 +468,16 @@ class Gateway:
             return
         except EOFError:
             return
-        await self._play(stream, decoder, login.name, entity, session)
+        await self._play(stream, decoder, name, entity, session)
 
     async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
         with trio.move_on_after(1.0):
             await stream.send_all(encode_frame(Error(code, message)))
 
-    async def _log_in(self, login: Login, session: int) -> int:
-        """Check ``login`` (its resume token, else its secret); the player's entity id.
+    async def _log_in(self, login: Login, name: str, session: int, address: str) -> int:
+        """Check ``login`` of canonical ``name`` (its resume token, else its secret) from
+        ``address``; the player's entity id.
 
         A new name is stored by the core (durably) before its entity is made,
         so a player who was welcomed keeps the name whatever happens next. A
@@ -478,13 +486,15 @@ class Gateway:
         """
         if not self.players:
             raise Refused("no_players", "no loaded plugin defines player entities")
-        name, kdf = login.name, scrypt_parameters(self.config.hash_cost)
+        kdf = scrypt_parameters(self.config.hash_cost)
         store: list[Any] = []
         new = False
         key = self.init.resume_key
         if not (login.resume and resumed_entity(key, name, login.resume) is not None):
-            account = await self._ask(Lookup(next(self._request_ids), name))
+            account = await self._ask(Lookup(next(self._request_ids), name, address))
             assert isinstance(account, AccountInfo)
+            if account.code:
+                raise Refused(account.code, account.message)
             if account.found:
                 digest = await self._hash(login.secret, account.salt, account.kdf or kdf)
                 if not hmac.compare_digest(digest, account.digest):
@@ -496,7 +506,9 @@ class Gateway:
                 new = True
                 salt = os.urandom(SALT_BYTES)
                 store = [salt, await self._hash(login.secret, salt, kdf), kdf]
-        entered = await self._ask(Enter(next(self._request_ids), name, session, new, store))
+        entered = await self._ask(
+            Enter(next(self._request_ids), name, session, new, store, address)
+        )
         assert isinstance(entered, Entered)
         if entered.code:
             raise Refused(entered.code, entered.message)
@@ -598,6 +610,14 @@ class Gateway:
         finally:
             client.closed = True
             done.cancel()
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    """The client's IP address ("" if the socket cannot say)."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return ""
 
 
 async def _main(socket_path: str, slot: int, epoch: int, token: str) -> int:

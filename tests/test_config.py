@@ -125,9 +125,10 @@ def test_the_benchmarks_find_the_example_plugins(tmp_path: Path) -> None:
     assert "patron" in load_plugin_set(_tavern_config(tmp_path)).kinds
 
 
-def test_the_signup_policy_is_checked(tmp_path: Path) -> None:
+def test_the_signup_policy_and_the_admin_group_are_checked(tmp_path: Path) -> None:
     path = write(tmp_path, "")
-    config = load_config(path, environ={})
+    config = load_config(path, environ={"MESHD_ADMIN_GROUP": "meshd-ops"})
+    assert config.admin.group == "meshd-ops"
     assert (config.gateway.signup, config.gateway.signup_per_address) == ("open", 3)
     assert config.gateway.signup_trusted == ["127.0.0.1", "::1"]
     with pytest.raises(ConfigError, match=r"gateway\.signup: "):

@@ -3,10 +3,14 @@ commands, and who may use the admin socket (issue #14, parts 5, 6 and 8)."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -14,7 +18,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import TAVERN, start_daemon, write_config
+from conftest import TAVERN, meshd, start_daemon, write_config
 from test_players import gateway_of
 
 from meshd import client
@@ -304,17 +308,74 @@ HALL = textwrap.dedent(
     """
 )
 PAT_SECRET = "pat's secret 4711"
+ASK_AS = textwrap.dedent(
+    """
+    import os, sys
+    from meshd.ops import admin
+    sock, folder, member, other = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+    def ask_as(gid):
+        # status, accounts and a rename, asked as uid 65534 in group gid (a child)
+        if os.fork() == 0:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(65534)
+            for request in (
+                admin.AdminRequest("status"),
+                admin.AdminRequest("accounts"),
+                admin.AdminRequest("rename_account", name="pat", new_name="patricia"),
+            ):
+                try:
+                    answer = admin.request(sock, request)
+                    print("ok", answer["tick"] > 0 if request.view == "status" else len(answer))
+                except admin.AdminError as exc:
+                    print(exc)
+            sys.stdout.flush()
+            os._exit(0)
+        os.wait()
+
+    ask_as(member)
+    os.chmod(folder, 0o711)  # open the way on purpose: the modes are the first guard
+    os.chmod(sock, 0o666)
+    ask_as(other)
+    """
+)
 
 
-def test_closed_signups_and_the_forget_hook(tmp_path: Path) -> None:
+def ask_as(sock: Path, member: int, other: int) -> list[str]:
+    """The answers to status, accounts and a rename, asked as uid 65534 with group
+    ``member``, then with group ``other`` once the socket's modes let anyone reach it."""
+    done = subprocess.run(
+        [sys.executable, "-c", ASK_AS, str(sock), str(sock.parent), str(member), str(other)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def _other_group() -> grp.struct_group | None:
+    """The group of uid 65534 (nobody), to act as: root only."""
+    try:
+        return grp.getgrgid(65534) if os.geteuid() == 0 else None
+    except KeyError:
+        return None
+
+
+def test_closed_signups_the_forget_hook_and_the_admin_group(tmp_path: Path) -> None:
+    group = _other_group()  # the admin group part acts as uid 65534: with root only
     (tmp_path / "hall.py").write_text(HALL)
-    data = tmp_path / "data"
+    reachable = Path(tempfile.mkdtemp(prefix="meshd-group-"))  # pytest's tmp is 0700
+    reachable.chmod(0o711)
+    data = reachable / "data"
     config = write_config(
         tmp_path,
         {
             "world": {"size": 50.0},
             "data": {"dir": str(data)},
             "gateway": {"signup": "closed", "hash_cost": 10},
+            "admin": {"group": group.gr_name if group is not None else ""},
             "plugins": {"load": ["hall"], "dirs": [str(tmp_path)]},
         },
     )
@@ -359,19 +420,43 @@ def test_closed_signups_and_the_forget_hook(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert guest["state"] == {"name": "olga", "forgotten": True}
 
-        daemon.terminate()
-        assert daemon.wait(timeout=30) == 0
-        log = [json.loads(line) for line in daemon.stderr.read().splitlines() if line[:1] == "{"]
+        if group is not None:
+            # admin.group: the socket and the folder are the group's, and nobody else's
+            for path, mode in ((sock, 0o660), (data, 0o710)):
+                found = (stat.S_IMODE(path.stat().st_mode), path.stat().st_gid)
+                assert found == (mode, group.gr_gid)
+            refusal = (
+                "the admin socket answers the daemon's own user (uid 0) and members of group "
+                f"{group.gr_name!r} (admin.group), and uid 65534 (gid 1) is neither"
+            )
+            assert ask_as(sock, group.gr_gid, 1) == [
+                "ok True",  # a member may look...
+                "ok 1",
+                "rename_account changes the accounts: only the daemon's own user (uid 0) may "
+                "ask for it",  # ...and not change
+                *[refusal] * 3,  # anyone else gets nothing
+            ]
     finally:
         daemon.kill()
         daemon.wait(timeout=10)
+        shutil.rmtree(reachable)
+    log = [json.loads(line) for line in daemon.stderr.read().splitlines() if line[:1] == "{"]
     said = [
         (line["event"], line.get("name"), line.get("uid"))
         for line in log
-        if line["event"].startswith("operator")
+        if line["event"].startswith("operator") or line["event"] == "admin request refused"
     ]
-    assert said == [  # each change with who asked
+    assert said == [  # each change with who asked, and each refused peer
         ("operator created an account", "pat", os.geteuid()),
         ("operator deleted an account", "olga", os.geteuid()),
+        *[("admin request refused", None, 65534)] * (3 if group is not None else 0),
     ]
     assert not [line for line in log if PAT_SECRET in json.dumps(line)]
+
+
+def test_an_admin_group_that_does_not_exist_stops_the_start(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {**OPEN, "admin": {"group": "no-such-group-here"}})
+    refused = meshd("serve", "--config", str(config), "--ticks", "1", check=False)
+    assert refused.returncode == 1
+    assert "admin.group: there is no group 'no-such-group-here' on this system" in refused.stderr
+    assert not (tmp_path / "data").exists()  # refused before the data folder is touched

@@ -137,6 +137,13 @@ class SuperviseConfig:
 
 
 @attrs.frozen
+class AdminConfig:
+    group: str = ""
+    """A group whose members may use the admin socket's read views (``meshd inspect``)
+    besides the daemon's own user; changes stay the daemon's user's."""
+
+
+@attrs.frozen
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     json: bool | None = None
@@ -157,6 +164,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     supervise: SuperviseConfig = SuperviseConfig()
     gateway: GatewayConfig = GatewayConfig()
+    admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     plugins: PluginsConfig = PluginsConfig()
     base_dir: str = "."

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from meshd.common.config import Config
-from meshd.ops.admin import ACCOUNT_WRITES, AdminRequest
+from meshd.ops.admin import ACCOUNT_WRITES, AdminRequest, admin_group
 from meshd.ops.serve import load_accounts, lock_data_dir
 from meshd.players.accounts import (
     SALT_BYTES,
@@ -48,7 +48,11 @@ def offline(config: Config, request: AdminRequest) -> Any:
     data_dir = config.data_dir
     if not data_dir.is_dir() and request.view != "create_account":
         raise AccountError(f"there is no data folder {data_dir} (data.dir, or --data)")
-    lock = lock_data_dir(data_dir)
+    try:
+        group = admin_group(config.admin.group)
+    except ValueError as exc:
+        raise AccountError(str(exc)) from None
+    lock = lock_data_dir(data_dir, None if group is None else group.gr_gid)
     try:
         store = Store(data_dir / DB_NAME, synchronous=config.data.synchronous)
         try:

@@ -31,7 +31,7 @@ from meshd.mesh.replication import Replication
 from meshd.mesh.step import create_world
 from meshd.mesh.supervisor import Supervisor
 from meshd.mesh.tick import Pipeline
-from meshd.ops.admin import serve_admin
+from meshd.ops.admin import admin_group, serve_admin
 from meshd.players.accounts import Account, Registry
 from meshd.players.fleet import AccountStore, Gateways, cell_size
 from meshd.players.journal import JOURNAL_NAME, Journal
@@ -42,7 +42,8 @@ from meshd.store.db import DB_NAME, Store
 SOCKET_NAME = "meshd.sock"
 LOCK_NAME = "meshd.lock"
 PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME, JOURNAL_NAME)
-"""What meshd keeps in the data folder (the admin socket is created 0600 by itself)."""
+"""What meshd keeps in the data folder (the admin socket is created 0600 by itself, then
+given to ``admin.group``, 0660, if the operator names one)."""
 NOMINAL_RATE = 20.0
 """Ticks per second the planner budgets for when ``tick.rate`` is 0 (as fast as possible)."""
 
@@ -84,13 +85,18 @@ def planner_settings(config: Config) -> PlannerSettings:
     )
 
 
-def make_private(data_dir: Path) -> None:
+def make_private(data_dir: Path, group: int | None = None) -> None:
     """Make the data folder 0700 and the files meshd keeps there 0600, whoever made them.
 
     The database holds players' salts and secret hashes. The database file is
     created here, empty and 0600, so that SQLite (which gives its WAL and
     shared-memory files the database's mode) never creates anything readable
     by others. Raises :class:`StartupError` if the folder cannot be made private.
+
+    With ``group`` (``admin.group``'s id) the folder is then 0710 and that
+    group's: its members may pass through to the admin socket, and can list
+    or read nothing (if the folder cannot be given to the group, a warning
+    says so and it stays 0700).
     """
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -108,11 +114,22 @@ def make_private(data_dir: Path) -> None:
             f"(folder 0700, files 0600), and {exc.filename or data_dir} cannot be made so: "
             f"{exc.strerror}; choose another data.dir (or --data)"
         ) from None
+    if group is not None:
+        try:
+            os.chown(data_dir, -1, group)
+            data_dir.chmod(0o710)
+        except OSError as exc:
+            get_logger(component="core").warning(
+                "the data folder cannot be given to admin.group: only the daemon's user "
+                "reaches the admin socket",
+                folder=str(data_dir),
+                error=exc.strerror,
+            )
 
 
-def lock_data_dir(data_dir: Path) -> int:
+def lock_data_dir(data_dir: Path, group: int | None = None) -> int:
     """Take the data folder's OS lock; a killed core's lock dies with it."""
-    make_private(data_dir)
+    make_private(data_dir, group)
     fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -201,8 +218,12 @@ async def serve(
     # full disk) instead of killing the core.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     plugins = load_plugin_set(config)
+    try:
+        group = admin_group(config.admin.group)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     data_dir = config.data_dir
-    lock_fd = lock_data_dir(data_dir)
+    lock_fd = lock_data_dir(data_dir, None if group is None else group.gr_gid)
     store = Store(data_dir / DB_NAME, synchronous=config.data.synchronous)
     supervisor: Supervisor | None = None
     reservation = Reservation()
@@ -290,7 +311,7 @@ async def serve(
                 await supervisor.listen()
                 services.start_soon(supervisor.accept_loop)
                 services.start_soon(watch_signals, core)
-                await services.start(serve_admin, core, data_dir / SOCKET_NAME)
+                await services.start(serve_admin, core, data_dir / SOCKET_NAME, group)
                 await supervisor.start_all(layout.workers)
                 if gateway is not None:
                     await services.start(gateway.serve)

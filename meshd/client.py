@@ -156,6 +156,7 @@ class Player:
         secret: str = "",
         reconnect_within: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
+        local_address: str | None = None,
     ) -> None:
         self.stream = stream
         self.welcome = welcome
@@ -169,6 +170,7 @@ class Player:
         """For each reconnect, milliseconds from noticing the loss to the new ``Welcome``."""
         self.reconnect_within = reconnect_within if address is not None else 0.0
         self._address = address
+        self._local_address = local_address
         self._name = name
         self._secret = secret
         self._ssl_context = ssl_context
@@ -380,7 +382,13 @@ class Player:
             while True:
                 try:
                     return await _login(
-                        host, port, self._name, self._secret, self.resume, self._ssl_context
+                        host,
+                        port,
+                        self._name,
+                        self._secret,
+                        self.resume,
+                        self._ssl_context,
+                        self._local_address,
                     )
                 except ServerError as exc:
                     if exc.code not in RETRY_CODES:
@@ -450,9 +458,12 @@ HANDSHAKE_HINTS = {
 }
 
 
-async def _open(host: str, port: int, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
-    """A connection to the server, with its TLS handshake done if ``ssl_context`` is given."""
-    stream = await trio.open_tcp_stream(host, port)
+async def _open(
+    host: str, port: int, ssl_context: ssl.SSLContext | None, local_address: str | None
+) -> trio.abc.Stream:
+    """A connection to the server (from ``local_address``, if given), with its TLS
+    handshake done if ``ssl_context`` is given."""
+    stream = await trio.open_tcp_stream(host, port, local_address=local_address)
     if ssl_context is None:
         return stream
     tls = trio.SSLStream(stream, ssl_context, server_hostname=host, https_compatible=False)
@@ -479,6 +490,7 @@ async def _login(
     secret: str,
     resume: str,
     ssl_context: ssl.SSLContext | None = None,
+    local_address: str | None = None,
 ) -> tuple[trio.abc.Stream, FrameDecoder, Welcome]:
     """A new connection (over TLS with ``ssl_context``), logged in: its stream, decoder and
     ``Welcome``.
@@ -488,7 +500,7 @@ async def _login(
     :class:`ConnectionLost` (or ``trio.BrokenResourceError``) when the
     connection ends before the ``Welcome``.
     """
-    stream = await _open(host, port, ssl_context)
+    stream = await _open(host, port, ssl_context, local_address)
     try:
         login = Login(version=PROTOCOL_VERSION, name=name, secret=secret, resume=resume)
         await stream.send_all(encode_frame(login))
@@ -513,6 +525,7 @@ async def connect(
     tls: bool = False,
     ssl_context: ssl.SSLContext | None = None,
     reconnect_within: float = RECONNECT_WITHIN,
+    local_address: str | None = None,
 ) -> Player:
     """Connect and log in (claiming ``name`` with ``secret`` if it is new).
 
@@ -520,14 +533,18 @@ async def connect(
     system's authorities and ``host``; ``ssl_context`` (see
     :func:`tls_context`): over TLS with that context (``tls`` need not be
     set). Reconnects use the same. ``reconnect_within``: seconds to try
-    again when the connection breaks later (0: never; see the module). This
+    again when the connection breaks later (0: never; see the module).
+    ``local_address``: the address to connect from (any of the host's own;
+    ``127.0.0.2`` is a second loopback address). This
     first login is tried once: ``OSError`` when no connection is made
     (:class:`TlsError` when the TLS handshake fails), :class:`ServerError`
     when the server refuses it, :class:`ConnectionLost` when it closes first.
     """
     if ssl_context is None and tls:
         ssl_context = tls_context()
-    stream, decoder, welcome = await _login(host, port, name, secret, "", ssl_context)
+    stream, decoder, welcome = await _login(
+        host, port, name, secret, "", ssl_context, local_address
+    )
     return Player(
         stream,
         welcome,
@@ -537,4 +554,5 @@ async def connect(
         secret=secret,
         reconnect_within=reconnect_within,
         ssl_context=ssl_context,
+        local_address=local_address,
     )

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from meshd.mesh.step import SpatialIndex
 
 __all__ = [
+    "FORGET",
     "GATEWAY",
     "JOIN",
     "LEAVE",
@@ -68,6 +69,13 @@ GATEWAY = 0
 
 JOIN, LEAVE = "join", "leave"
 """Inputs the gateway sends itself when a player connects or disconnects."""
+
+
+FORGET = "forget"
+"""The input a player's entity gets when an operator deletes the player's account
+(``meshd accounts delete``), after its ``leave``: a plugin that handles it decides what
+becomes of the entity (keep it, hand it over, despawn it); without a handler meshd
+despawns the entity."""
 
 
 System = Callable[["Entity", "Context"], None]

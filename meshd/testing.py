@@ -40,6 +40,7 @@ from meshd.mesh.plugins import INPUT_PREFIX, find_plugin, plugin_set
 from meshd.ops.check import DEFAULT_TICKS, WorldSpec, check, format_report
 from meshd.players.protocol import check_args
 from meshd.plugin import (
+    FORGET,
     GATEWAY,
     JOIN,
     LEAVE,
@@ -144,6 +145,11 @@ class World:
         """The player's connection ends: its ``leave`` input, next tick (if a plugin takes it)."""
         if self.plugins.accepts(LEAVE):
             self._inputs.append([entity, LEAVE, {}])
+
+    def forget(self, entity: int) -> None:
+        """An operator deleted the player's account: its ``forget`` input, next tick (the
+        plugin's handler decides; without one, meshd despawns the entity)."""
+        self._inputs.append([entity, FORGET, {}])
 
     def send(self, entity: int, action: str, args: Mapping[str, Any] | None = None) -> None:
         """A player input for the next tick, checked as the gateway checks it.

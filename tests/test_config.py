@@ -136,3 +136,25 @@ def test_the_benchmarks_find_the_example_plugins(tmp_path: Path) -> None:
     from meshd.ops.bench import _tavern_config
 
     assert "patron" in load_plugin_set(_tavern_config(tmp_path)).kinds
+
+
+def test_the_signup_policy_and_the_admin_group_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    config = load_config(path, environ={"MESHD_ADMIN_GROUP": "meshd-ops"})
+    assert config.admin.group == "meshd-ops"
+    assert (config.gateway.signup, config.gateway.signup_per_address) == ("open", 3)
+    assert config.gateway.signup_trusted == ["127.0.0.1", "::1"]
+    with pytest.raises(ConfigError, match=r"gateway\.signup: "):
+        load_config(path, environ={"MESHD_GATEWAY_SIGNUP": "maybe"})
+    with pytest.raises(ConfigError) as bad:
+        load_config(
+            write(
+                tmp_path,
+                '[gateway]\nsignup_per_minute = 0\nsignup_trusted = ["127.0.0.1", "localhost"]\n',
+            ),
+            environ={},
+        )
+    assert str(bad.value) == (
+        "bad config: gateway.signup_per_minute: expected new names a minute >= 1, got 0; "
+        "gateway.signup_trusted: expected a list of IP addresses, got 'localhost'"
+    )

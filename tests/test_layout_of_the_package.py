@@ -126,6 +126,7 @@ def test_rooms_import_downwards_only() -> None:
 
 def test_the_public_plugin_api_is_pinned() -> None:
     assert meshd.__all__ == [
+        "FORGET",
         "GATEWAY",
         "JOIN",
         "LEAVE",

@@ -34,9 +34,9 @@ def test_players_get_what_is_said_near_them_shouted_or_whispered_to_them(tmp_pat
 
         async def main() -> dict[str, list]:
             async with (
-                await client.connect(*address, "ann@10", "a") as ann,
-                await client.connect(*address, "bob@15", "b") as bob,
-                await client.connect(*address, "cy@90", "c") as cy,
+                await client.connect(*address, "ann-10", "a") as ann,
+                await client.connect(*address, "bob-15", "b") as bob,
+                await client.connect(*address, "cy-90", "c") as cy,
             ):
                 players = {"ann": ann, "bob": bob, "cy": cy}
                 async with trio.open_nursery() as nursery:
@@ -51,7 +51,7 @@ def test_players_get_what_is_said_near_them_shouted_or_whispered_to_them(tmp_pat
                     await _until(lambda: all(p.world_state == counted for p in (ann, bob, cy)))
                     # one who comes later gets the world state right after its Welcome
                     async with (
-                        await client.connect(*address, "dee@50", "d") as dee,
+                        await client.connect(*address, "dee-50", "d") as dee,
                         trio.open_nursery() as reading,
                     ):
                         reading.start_soon(_read, dee)
@@ -78,7 +78,7 @@ async def _read(player: client.Player) -> None:
 
 def test_a_message_is_bounded_and_withdrawn_with_its_failed_input() -> None:
     world = World(["chat"], dirs=[CHAT], size=200.0)
-    ann, bob = world.add_player("ann@10"), world.add_player("bob@15")
+    ann, bob = world.add_player("ann-10"), world.add_player("bob-15")
     world.step()
     world.send(bob, "whisper", {"to": ann, "text": "x" * 4990})
     world.send(ann, "say", {"text": "hello", "earshot": 3.0})

@@ -22,13 +22,16 @@ from test_players import gateway_of
 from meshd import client
 from meshd.common.wire import CONVERTER
 from meshd.mesh.plugins import load_plugins
+from meshd.ops import admin
+from meshd.ops.admin import AdminRequest
 from meshd.store.db import Store
 from meshd.store.schema import SCHEMA_VERSION, StoreError
 from meshd.testing import assert_deterministic
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OLD_WORLDS = {
-    # commit of main that wrote it: what its tables lacked
+    # commit of main that wrote it: what its tables lacked (world-895f0de.db, schema
+    # version 1 with names that are not canonical: test_names_stored_before_...)
     "world-de19a28.db": "no hashing parameters per account",
     "world-9a026b9.db": "no schema version",
 }
@@ -55,7 +58,7 @@ def test_an_older_database_is_migrated_and_loads(tmp_path: Path, name: str) -> N
     store = Store(path)
     try:
         assert store.version == SCHEMA_VERSION
-        accounts = {name: (entity, kdf) for name, _s, _h, entity, kdf in store.players()}
+        accounts = {name: (entity, kdf) for name, _s, _h, entity, kdf, _off in store.players()}
         plugins = load_plugins(["tavern"], [PLUGINS], {"tavern": {"npcs": 25}}, CONVERTER)
         world = store.load_world(plugins.codecs)
     finally:
@@ -138,3 +141,66 @@ def test_a_restart_restores_states_exactly_as_the_plugin_wrote_them(tmp_path: Pa
     same classes comes back as it ran (before, one refused to load, another changed)."""
     (tmp_path / "loose.py").write_text(LOOSE)
     assert_deterministic(["loose"], dirs=[tmp_path], size=50.0, halo=25.0, ticks=24)
+
+
+CANONICAL = {  # world-895f0de.db, made like the others, with these names and secrets
+    "ada": ("ada", "ada-secret", 42),
+    "bea": ("bea", "bea-secret", 50),
+    "\uff43\uff41\uff52\uff4f\uff4c": ("carol", "carol-secret", 53),  # fullwidth
+    " dan ": ("dan", "dan-secret", 55),
+    "\uff41\uff44\uff41": ("ada", "fullwidth-ada-secret", 56),  # canonical: ada's name
+    "\u0435ve": ("eve", "eve-secret", 57),  # a Cyrillic e: the rule refuses it
+}
+
+
+def test_names_stored_before_names_were_canonical(tmp_path: Path) -> None:
+    """Issue #14: names are canonical now. A stored name takes its canonical form where it
+    can, and keeps its entity and secret; one that cannot is listed, and an operator
+    renames it."""
+    path = copy_of("world-895f0de.db", tmp_path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert {row[0] for row in db.execute("SELECT name FROM player")} == set(CANONICAL)
+    config = write_config(tmp_path, FIXTURE_WORLD)
+    daemon = start_daemon(config, "--rate", "30")
+    try:
+        address = gateway_of(config)
+        sock = tmp_path / "data" / "meshd.sock"
+        notes = {row["name"]: row["note"] for row in admin.request(sock, AdminRequest("accounts"))}
+        assert notes == {
+            "ada": "",
+            "bea": "",
+            "carol": "",
+            "dan": "",
+            "\uff41\uff44\uff41": "its canonical form 'ada' is another account's name",
+            "\u0435ve": "the name rule refuses it: '\u0435ve' mixes scripts (Cyrillic '\u0435', "
+            "Latin 'v'): a name's letters are all of one script, so that it cannot pass for "
+            "another",
+        }
+        renamed = admin.request(
+            sock, AdminRequest("rename_account", name="\u0435ve", new_name="eve")
+        )
+        assert renamed == {"name": "eve", "was": "\u0435ve", "entity": 57, "kicked": False}
+
+        async def log_in(name: str, secret: str) -> int:
+            async with await client.connect(*address, name, secret) as me:
+                return me.entity
+
+        for stored, (name, secret, entity) in CANONICAL.items():
+            if stored == "\uff41\uff44\uff41":  # unreachable until renamed: ada logs in
+                with pytest.raises(client.ServerError, match="auth"):
+                    trio.run(log_in, stored, secret)
+                continue
+            if stored == "\u0435ve":  # renamed: under its new name only
+                with pytest.raises(client.ServerError, match="bad_name"):
+                    trio.run(log_in, stored, secret)
+            else:
+                assert trio.run(log_in, stored, secret) == entity  # as typed then...
+            assert trio.run(log_in, name, secret) == entity  # ...or canonical
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=30) == 0
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        stored = dict(db.execute("SELECT name, disabled FROM player"))
+    assert stored == dict.fromkeys(["ada", "bea", "carol", "dan", "\uff41\uff44\uff41", "eve"], 0)

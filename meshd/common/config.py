@@ -19,6 +19,7 @@ the check of its value, so one file answers "what can I set?".
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -143,6 +144,16 @@ class GatewayConfig:
     allow_plaintext: bool = False
     """Serve plain TCP on an address that is not loopback: names and secrets cross the
     network in clear (without it, such a listen refuses to start)."""
+    signup: Literal["open", "closed"] = "open"
+    """open: a login with a new name claims it; closed: only names an operator created
+    (``meshd accounts create``) log in."""
+    signup_per_address: int = 3
+    """New names a minute that players may claim from one address..."""
+    signup_per_minute: int = 30
+    """...and from all addresses together."""
+    signup_trusted: list[str] = attrs.field(factory=lambda: ["127.0.0.1", "::1"])
+    """Addresses whose new names are not limited (bots and tests on the server's own host;
+    empty it when a proxy on this host forwards players)."""
 
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
@@ -155,6 +166,13 @@ class SuperviseConfig:
     restart_window: float = 30.0
     quarantine_after: int = 10
     spares: int = 1
+
+
+@attrs.frozen
+class AdminConfig:
+    group: str = ""
+    """A group whose members may use the admin socket's read views (``meshd inspect``)
+    besides the daemon's own user; changes stay the daemon's user's."""
 
 
 @attrs.frozen
@@ -178,6 +196,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     supervise: SuperviseConfig = SuperviseConfig()
     gateway: GatewayConfig = GatewayConfig()
+    admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     plugins: PluginsConfig = PluginsConfig()
     base_dir: str = "."
@@ -406,8 +425,30 @@ def _validate(config: Config) -> list[str]:
         "a key file with gateway.tls_cert, and none without",
         gateway.tls_key,
     )
+    need(
+        gateway.signup_per_address >= 1,
+        "gateway.signup_per_address",
+        "new names a minute >= 1",
+        gateway.signup_per_address,
+    )
+    need(
+        gateway.signup_per_minute >= 1,
+        "gateway.signup_per_minute",
+        "new names a minute >= 1",
+        gateway.signup_per_minute,
+    )
+    for address in gateway.signup_trusted:
+        need(_is_ip(address), "gateway.signup_trusted", "a list of IP addresses", address)
     need(bool(config.plugins.load), "plugins.load", "a list of plugin names", config.plugins.load)
     return problems
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_config(

@@ -26,7 +26,18 @@ import cattrs
 
 from meshd.common.config import Config, ConfigError
 from meshd.common.wire import CONVERTER
-from meshd.plugin import Arg, EventHandler, Kind, Plugin, PluginError, System
+from meshd.plugin import (
+    FORGET,
+    Arg,
+    Context,
+    Entity,
+    Event,
+    EventHandler,
+    Kind,
+    Plugin,
+    PluginError,
+    System,
+)
 
 INPUT_PREFIX = "input:"
 """Player inputs travel as events named ``input:<action>``, sent by ``meshd.plugin.GATEWAY``."""
@@ -77,6 +88,11 @@ class KindCodec:
         return self.to_wire(converter.structure(dict(data), self.cls))
 
 
+def despawn_forgotten(me: Entity, event: Event, ctx: Context) -> None:
+    """``forget`` where no plugin handles it: the deleted player's entity leaves the world."""
+    ctx.despawn()
+
+
 def _check_frozen(kind_name: str, cls: type) -> None:
     if not attrs.has(cls):
         raise PluginError(f"kind {kind_name!r}: state must be an attrs class, got {cls!r}")
@@ -124,6 +140,8 @@ class PluginSet:
                 if event in self.handlers:
                     raise PluginError(f"event {event!r} is handled by two plugins")
                 self.handlers[event] = handler
+        # A deleted player's entity leaves the world, unless a plugin decides otherwise.
+        self.handlers.setdefault(INPUT_PREFIX + FORGET, despawn_forgotten)
         with_players = [plugin for plugin in self.plugins if plugin.new_player is not None]
         if len(with_players) > 1:
             names = [plugin.name for plugin in with_players]
@@ -172,7 +190,11 @@ class PluginSet:
     def input_actions(self) -> list[str]:
         """Every player input action some plugin handles, sorted."""
         prefix = len(INPUT_PREFIX)
-        return sorted(event[prefix:] for event in self.handlers if event.startswith(INPUT_PREFIX))
+        return sorted(
+            event[prefix:]
+            for event, handler in self.handlers.items()
+            if event.startswith(INPUT_PREFIX) and handler is not despawn_forgotten
+        )
 
     def code_digest(self) -> str:
         """SHA-256 of the source files of the plugins' functions (systems, handlers, hooks,

@@ -1,18 +1,32 @@
-"""The admin socket (``meshd.sock``, mode 0600) and the views ``meshd inspect`` shows (trio shell).
+"""The admin socket (``meshd.sock``) and the views ``meshd inspect`` shows (trio shell).
 
 Requests and answers are single frames: an :class:`AdminRequest` in, an
 :class:`AdminAnswer` out. The views read the core's state between ticks
 (trio runs one task at a time), so every answer is consistent.
 
-``release`` and ``reload`` are the commands that change the world; they are
-taken only from the daemon's own user (checked with the connection's peer
-credentials, on top of the socket's file mode) and logged with the caller's
-pid and uid.
+Who may ask is checked twice. The socket file is 0600, or 0660 and
+``admin.group``'s when the operator names a group (the data folder is then
+0710 and that group's, so its members reach the socket and nothing else).
+Then every connection's peer credentials (``SO_PEERCRED``): only the
+daemon's own user, or a member of ``admin.group`` (the peer's group is it,
+or the peer's user is in its member list, read at each connection), gets
+any answer (:class:`Admission`); anyone else's every request is refused
+naming the rule.
+
+The ``WRITES`` change the world or the accounts (``release``, ``reload``,
+and creating, renaming, disabling, enabling or deleting an account); they
+are taken only from the daemon's own user, never from the group, and logged
+with the caller's pid, uid and gid. ``accounts`` lists the accounts.
+
+It is long because it holds every view the socket answers, and who may ask
+for each, in one place.
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import socket
 import struct
 import time
@@ -23,11 +37,13 @@ import attrs
 import trio
 
 from meshd.common.links import receive_frame, receive_frame_blocking
+from meshd.common.log import get_logger
 from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
 from meshd.mesh.core import Release
 from meshd.mesh.layout import parse_leaf, sorted_leaves
 from meshd.mesh.reload import request_reload
 from meshd.mesh.usage import percentile
+from meshd.players.fleet import Gateways
 
 if TYPE_CHECKING:
     from meshd.mesh.core import Core
@@ -43,8 +59,17 @@ VIEWS = (
     "map",
     "release",
     "reload",
+    "accounts",
+    "create_account",
+    "rename_account",
+    "disable_account",
+    "enable_account",
+    "delete_account",
 )
-WRITES = frozenset({"release", "reload"})
+ACCOUNT_WRITES = frozenset(
+    {"create_account", "rename_account", "disable_account", "enable_account", "delete_account"}
+)
+WRITES = frozenset({"release", "reload", *ACCOUNT_WRITES})
 HASH_TIMEOUT = 30.0
 RELEASE_TIMEOUT = 60.0
 """A release waits for a checkpoint and maybe for a worker process to start."""
@@ -62,6 +87,12 @@ class AdminRequest:
     """...or every quarantined entity..."""
     partitions: bool = False
     """...and/or every quarantined partition."""
+    name: str = ""
+    """The account an account command is about..."""
+    new_name: str = ""
+    """...its new name (``rename_account``)..."""
+    secret: str = attrs.field(default="", repr=False)
+    """...and its secret (``create_account``; never logged)."""
 
 
 @attrs.define
@@ -73,6 +104,10 @@ class AdminAnswer:
 
 class AdminError(Exception):
     """The daemon could not be reached or refused the request."""
+
+
+class NoDaemon(AdminError):
+    """No daemon listens on the admin socket (none runs on this data folder)."""
 
 
 def _round(value: float) -> float:
@@ -224,19 +259,84 @@ async def release(core: Core, request: AdminRequest, peer: dict[str, int]) -> di
 
 
 def peer_credentials(stream: trio.SocketStream) -> dict[str, int]:
-    """The ``pid`` and ``uid`` of the process at the other end of a Unix socket."""
+    """The ``pid``, ``uid`` and ``gid`` of the process at the other end of a Unix socket."""
     raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, _gid = _PEERCRED.unpack(raw)
-    return {"pid": pid, "uid": uid}
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return {"pid": pid, "uid": uid, "gid": gid}
+
+
+@attrs.frozen
+class Admission:
+    """Who may use the admin socket: the daemon's own user (``uid``) and, when the operator
+    names one (``admin.group``), the members of group ``gid``."""
+
+    uid: int
+    group: str = ""
+    gid: int = -1
+
+    def refusal(self, peer: dict[str, int]) -> str:
+        """Why the peer gets no answer at all ("" if it may ask)."""
+        if peer["uid"] == self.uid:
+            return ""
+        if not self.group:
+            return (
+                f"the admin socket answers only the daemon's own user (uid {self.uid}), and "
+                f"uid {peer['uid']} is not it (admin.group may name a group whose members "
+                "may look too)"
+            )
+        if peer["gid"] == self.gid or _user_name(peer["uid"]) in _members(self.gid):
+            return ""
+        return (
+            f"the admin socket answers the daemon's own user (uid {self.uid}) and members of "
+            f"group {self.group!r} (admin.group), and uid {peer['uid']} (gid {peer['gid']}) "
+            "is neither"
+        )
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _members(gid: int) -> list[str]:
+    """The group's member list as the system has it now."""
+    try:
+        return list(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        return []
+
+
+async def accounts(core: Core, request: AdminRequest, peer: dict[str, int]) -> Any:
+    """``accounts`` and the account commands, done by the core's side of the players."""
+    gateway = core.gateway
+    if not isinstance(gateway, Gateways):
+        raise ValueError(
+            "this daemon serves no players (gateway.listen is empty): change its accounts "
+            "with the daemon stopped"
+        )
+    view, name = request.view, request.name
+    if view == "accounts":
+        return gateway.accounts_view()
+    if view == "create_account":
+        return await gateway.create_account(name, request.secret, peer)
+    if view == "rename_account":
+        return await gateway.rename_account(name, request.new_name, peer)
+    if view in ("disable_account", "enable_account"):
+        return await gateway.disable_account(name, view == "disable_account", peer)
+    assert view == "delete_account"
+    return await gateway.delete_account(name, peer)
 
 
 async def answer(
     core: Core, request: AdminRequest, peer: dict[str, int] | None = None
 ) -> AdminAnswer:
     if request.view in WRITES and (peer is None or peer["uid"] != os.geteuid()):
+        what = "the accounts" if request.view in ACCOUNT_WRITES else "the world"
         return AdminAnswer(
             ok=False,
-            error=f"{request.view} changes the world: only the daemon's own user "
+            error=f"{request.view} changes {what}: only the daemon's own user "
             f"(uid {os.geteuid()}) may ask for it",
         )
     try:
@@ -264,6 +364,8 @@ async def answer(
         elif request.view == "reload":
             assert peer is not None
             result = await request_reload(core, peer)
+        elif request.view == "accounts" or request.view in ACCOUNT_WRITES:
+            result = await accounts(core, request, peer or {})
         else:
             raise ValueError(f"unknown view {request.view!r}; one of {', '.join(VIEWS)}")
     except (KeyError, ValueError, trio.TooSlowError) as exc:
@@ -271,9 +373,12 @@ async def answer(
     return AdminAnswer(ok=True, result=result)
 
 
-async def _handle(core: Core, stream: trio.SocketStream) -> None:
+async def _handle(core: Core, admission: Admission, stream: trio.SocketStream) -> None:
     decoder = FrameDecoder()
     peer = peer_credentials(stream)
+    refused = admission.refusal(peer)
+    if refused:
+        get_logger(component="admin").warning("admin request refused", why=refused, **peer)
     async with stream:
         try:
             while True:
@@ -281,18 +386,36 @@ async def _handle(core: Core, stream: trio.SocketStream) -> None:
                 try:
                     request = decode_message(body, (AdminRequest,))
                 except WireError as exc:
-                    reply = AdminAnswer(ok=False, error=str(exc))
+                    reply = AdminAnswer(ok=False, error=refused or str(exc))
                 else:
-                    reply = await answer(core, request, peer)
+                    reply = (
+                        AdminAnswer(ok=False, error=refused)
+                        if refused
+                        else await answer(core, request, peer)
+                    )
                 await stream.send_all(frame(encode_message(reply)))
         except (EOFError, WireError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
 
+def admin_group(name: str) -> grp.struct_group | None:
+    """``admin.group``'s entry (None when none is named); ``ValueError`` for an unknown one."""
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        raise ValueError(f"admin.group: there is no group {name!r} on this system") from None
+
+
 async def serve_admin(
-    core: Core, path: Path, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    core: Core,
+    path: Path,
+    group: grp.struct_group | None = None,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on the admin socket until cancelled."""
+    """Listen on the admin socket until cancelled; ``group`` (``admin.group``) may use it too."""
     path.unlink(missing_ok=True)  # a stale socket from a killed core; we hold the lock
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     umask = os.umask(0o177)  # created 0600: not readable by others even for an instant
@@ -300,10 +423,23 @@ async def serve_admin(
         sock.bind(str(path))
     finally:
         os.umask(umask)
+    admission = Admission(os.geteuid())
+    if group is not None:
+        admission = Admission(os.geteuid(), group.gr_name, group.gr_gid)
+        try:
+            os.chown(path, -1, group.gr_gid)
+            path.chmod(0o660)
+        except OSError as exc:
+            get_logger(component="admin").warning(
+                "the admin socket cannot be given to admin.group: only the daemon's user "
+                "reaches it",
+                group=group.gr_name,
+                error=exc.strerror,
+            )
     sock.listen(16)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     task_status.started()
-    await trio.serve_listeners(lambda stream: _handle(core, stream), [listener])
+    await trio.serve_listeners(lambda stream: _handle(core, admission, stream), [listener])
 
 
 def request(path: Path, request: AdminRequest, timeout: float = 60.0) -> Any:
@@ -317,7 +453,7 @@ def request(path: Path, request: AdminRequest, timeout: float = 60.0) -> Any:
     except EOFError:
         raise AdminError("the daemon closed the admin connection") from None
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise AdminError(f"no meshd daemon is running here ({path}: {exc.strerror})") from None
+        raise NoDaemon(f"no meshd daemon is running here ({path}: {exc.strerror})") from None
     except TimeoutError:
         raise AdminError(f"the daemon at {path} did not answer within {timeout} s") from None
     reply = decode_message(body, (AdminAnswer,))

@@ -11,6 +11,7 @@ over the library.
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from enum import StrEnum
@@ -31,6 +32,7 @@ from meshd.mesh.supervisor import STARTUP_TIMEOUT, WorkerFailed
 from meshd.ops import admin, scaffold
 from meshd.ops.check import DEFAULT_TICKS, CheckFailed, WorldSpec, check, format_report
 from meshd.ops.serve import SOCKET_NAME, StartupError, serve
+from meshd.players.accounts import AccountError
 from meshd.plugin import PluginError
 from meshd.store.offline import offline_world
 from meshd.store.schema import StoreError
@@ -52,6 +54,13 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 new_app = typer.Typer(help="Start something new from a commented template.", no_args_is_help=True)
 app.add_typer(new_app, name="new")
+accounts_app = typer.Typer(
+    help="Players' accounts: list, create, rename, disable, enable, delete. Through the running "
+    "daemon (changes: its own user only; it logs who asked), or on the data folder when none "
+    "runs (delete needs the daemon).",
+    no_args_is_help=True,
+)
+app.add_typer(accounts_app, name="accounts")
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one error, one line, however long
@@ -352,6 +361,125 @@ def reload_command(
     # Starting the new workers takes up to their start-up timeout, then a tick boundary.
     result = _ask(config, data, admin.AdminRequest("reload"), STARTUP_TIMEOUT + RELOAD_TIMEOUT)
     _print_json(result) if as_json else _pairs(result, "reloaded")
+
+
+def _account_request(config: Path | None, data: Path | None, request: admin.AdminRequest) -> Any:
+    """The daemon's answer to an account request, or the same done offline when none runs."""
+    from meshd.ops.accounts import offline
+
+    cfg = _config(config, **{"data.dir": str(data) if data is not None else None})
+    try:
+        return admin.request(cfg.data_dir / SOCKET_NAME, request)
+    except admin.NoDaemon:
+        pass
+    except admin.AdminError as exc:
+        raise _fail(str(exc), 1) from None
+    try:
+        return offline(cfg, request)
+    except (AccountError, StartupError, StoreError) as exc:
+        raise _fail(str(exc), 1) from None
+
+
+AccountName = Annotated[str, typer.Argument(metavar="NAME", help="The account's name.")]
+
+
+@accounts_app.command("list")
+def accounts_list(
+    config: ConfigOption = None, data: DataOption = None, as_json: JsonOption = False
+) -> None:
+    """Every account: its entity, whether its player is online, whether it is disabled."""
+    rows = _account_request(config, data, admin.AdminRequest("accounts"))
+    _print_json(rows) if as_json else _table(rows, "accounts")
+
+
+def _read_secret() -> str:
+    """The new account's secret: asked twice on a terminal, else the first line of stdin."""
+    if sys.stdin.isatty():
+        secret = getpass.getpass("secret: ")
+        if getpass.getpass("again: ") != secret:
+            raise _fail("the two secrets differ", 2)
+    else:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        raise _fail("no secret given (type it when asked, or give it on standard input)", 2)
+    return secret
+
+
+@accounts_app.command("create")
+def accounts_create(
+    name: AccountName,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create an account (also when gateway.signup is closed).
+
+    The secret is asked for on a terminal, or read from the first line of
+    standard input: never from the command line.
+    """
+    secret = _read_secret()
+    result = _account_request(
+        config, data, admin.AdminRequest("create_account", name=name, secret=secret)
+    )
+    _print_json(result) if as_json else _pairs(result, "created")
+
+
+@accounts_app.command("rename")
+def accounts_rename(
+    old: Annotated[str, typer.Argument(metavar="OLD", help="The account's name.")],
+    new: Annotated[str, typer.Argument(metavar="NEW", help="Its new name.")],
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Give an account another name; it keeps its entity and secret.
+
+    Its player, if connected, is told and disconnected, and logs in with the new name.
+    """
+    request = admin.AdminRequest("rename_account", name=old, new_name=new)
+    result = _account_request(config, data, request)
+    _print_json(result) if as_json else _pairs(result, "renamed")
+
+
+@accounts_app.command("disable")
+def accounts_disable(
+    name: AccountName,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Disable an account: it cannot log in, and its player is disconnected now."""
+    result = _account_request(config, data, admin.AdminRequest("disable_account", name=name))
+    _print_json(result) if as_json else _pairs(result, "disabled")
+
+
+@accounts_app.command("enable")
+def accounts_enable(
+    name: AccountName,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Let a disabled account log in again."""
+    result = _account_request(config, data, admin.AdminRequest("enable_account", name=name))
+    _print_json(result) if as_json else _pairs(result, "enabled")
+
+
+@accounts_app.command("delete")
+def accounts_delete(
+    name: AccountName,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete an account; the name is free again (a running daemon only).
+
+    Its player, if connected, is disconnected; its entity gets a forget input
+    (the plugin decides what becomes of it; without a handler it leaves the
+    world).
+    """
+    result = _account_request(config, data, admin.AdminRequest("delete_account", name=name))
+    _print_json(result) if as_json else _pairs(result, "deleted")
 
 
 @app.command("check")

@@ -31,9 +31,9 @@ from meshd.mesh.replication import Replication
 from meshd.mesh.step import create_world
 from meshd.mesh.supervisor import Supervisor
 from meshd.mesh.tick import Pipeline
-from meshd.ops.admin import serve_admin
-from meshd.players.accounts import Account
-from meshd.players.fleet import Gateways, cell_size
+from meshd.ops.admin import admin_group, serve_admin
+from meshd.players.accounts import Account, Registry
+from meshd.players.fleet import AccountStore, Gateways, cell_size
 from meshd.players.journal import JOURNAL_NAME, Journal
 from meshd.players.ports import Reservation, check_plaintext, reserve
 from meshd.players.tls import server_context
@@ -43,7 +43,8 @@ from meshd.store.db import DB_NAME, Store
 SOCKET_NAME = "meshd.sock"
 LOCK_NAME = "meshd.lock"
 PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME, JOURNAL_NAME)
-"""What meshd keeps in the data folder (the admin socket is created 0600 by itself)."""
+"""What meshd keeps in the data folder (the admin socket is created 0600 by itself, then
+given to ``admin.group``, 0660, if the operator names one)."""
 NOMINAL_RATE = 20.0
 """Ticks per second the planner budgets for when ``tick.rate`` is 0 (as fast as possible)."""
 
@@ -85,13 +86,18 @@ def planner_settings(config: Config) -> PlannerSettings:
     )
 
 
-def make_private(data_dir: Path) -> None:
+def make_private(data_dir: Path, group: int | None = None) -> None:
     """Make the data folder 0700 and the files meshd keeps there 0600, whoever made them.
 
     The database holds players' salts and secret hashes. The database file is
     created here, empty and 0600, so that SQLite (which gives its WAL and
     shared-memory files the database's mode) never creates anything readable
     by others. Raises :class:`StartupError` if the folder cannot be made private.
+
+    With ``group`` (``admin.group``'s id) the folder is then 0710 and that
+    group's: its members may pass through to the admin socket, and can list
+    or read nothing (if the folder cannot be given to the group, a warning
+    says so and it stays 0700).
     """
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -109,11 +115,22 @@ def make_private(data_dir: Path) -> None:
             f"(folder 0700, files 0600), and {exc.filename or data_dir} cannot be made so: "
             f"{exc.strerror}; choose another data.dir (or --data)"
         ) from None
+    if group is not None:
+        try:
+            os.chown(data_dir, -1, group)
+            data_dir.chmod(0o710)
+        except OSError as exc:
+            get_logger(component="core").warning(
+                "the data folder cannot be given to admin.group: only the daemon's user "
+                "reaches the admin socket",
+                folder=str(data_dir),
+                error=exc.strerror,
+            )
 
 
-def lock_data_dir(data_dir: Path) -> int:
+def lock_data_dir(data_dir: Path, group: int | None = None) -> int:
     """Take the data folder's OS lock; a killed core's lock dies with it."""
-    make_private(data_dir)
+    make_private(data_dir, group)
     fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -177,6 +194,33 @@ def _check_players_port(config: Config) -> None:
         )
 
 
+def load_accounts(store: Store) -> tuple[Registry, list[tuple[str, str]]]:
+    """The stored accounts, and the stored names (``(was, now)``) that took their canonical
+    form, written back now (:meth:`Registry.load`)."""
+    registry, renames = Registry.load(
+        (name, Account(salt, digest, entity, kdf, disabled))
+        for name, salt, digest, entity, kdf, disabled in store.players()
+    )
+    for old, new in renames:
+        store.rename_account(old, new)
+    return registry, renames
+
+
+def _accounts(store: Store) -> Registry:
+    """The stored accounts for the daemon, what changed in them at loading logged."""
+    registry, renames = load_accounts(store)
+    log = get_logger(component="core")
+    for old, new in renames:
+        log.info("stored name renamed to its canonical form", was=old, name=new)
+    for name, why in registry.unreachable.items():
+        log.warning(
+            "no login can reach this account: `meshd accounts rename` or `delete` it",
+            name=name,
+            why=why,
+        )
+    return registry
+
+
 async def serve(
     config: Config,
     *,
@@ -195,8 +239,12 @@ async def serve(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     _check_players_port(config)
     plugins = load_plugin_set(config)
+    try:
+        group = admin_group(config.admin.group)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     data_dir = config.data_dir
-    lock_fd = lock_data_dir(data_dir)
+    lock_fd = lock_data_dir(data_dir, None if group is None else group.gr_gid)
     store = Store(data_dir / DB_NAME, synchronous=config.data.synchronous)
     supervisor: Supervisor | None = None
     reservation = Reservation()
@@ -227,11 +275,6 @@ async def serve(
         workers = config.mesh.min_workers if dynamic else config.mesh.workers
         layout = Layout.grid(world.size, world.halo, effective_grid(config, workers), workers)
         store_lock = trio.CapacityLimiter(1)
-
-        async def store_account(name: str, salt: bytes, digest: bytes, kdf: str) -> None:
-            await trio.to_thread.run_sync(
-                store.put_account, name, salt, digest, kdf, limiter=store_lock
-            )
 
         replication = Replication(
             plugins,
@@ -270,13 +313,10 @@ async def serve(
                 plugins,
                 world,
                 replication,
-                {
-                    name: Account(salt, digest, entity, kdf)
-                    for name, salt, digest, entity, kdf in store.players()
-                },
+                _accounts(store),
                 supervisor,
                 reservation,
-                store_account,
+                AccountStore(store, store_lock),
                 journal,
             )
             if players
@@ -292,7 +332,7 @@ async def serve(
                 await supervisor.listen()
                 services.start_soon(supervisor.accept_loop)
                 services.start_soon(watch_signals, core)
-                await services.start(serve_admin, core, data_dir / SOCKET_NAME)
+                await services.start(serve_admin, core, data_dir / SOCKET_NAME, group)
                 await supervisor.start_all(layout.workers)
                 if gateway is not None:
                     await services.start(gateway.serve)

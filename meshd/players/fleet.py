@@ -12,8 +12,12 @@ entity order, so the world's inputs do not depend on which gateway read
 them), makes new players' entities, watches the cells around every player,
 and sends each gateway one ``Publish`` (the records its players can see
 that changed, each state encoded once). Accounts stay here, with the store:
-a gateway asks for a name's salt and hash, and the core stores a new name
-before its player is welcomed.
+a gateway asks for a name's salt and hash (or learns why the login is
+refused: sign-ups closed or limited, the account disabled), and the core
+stores a new name before its player is welcomed. Operators' account
+commands (``meshd accounts``, through the admin socket) change them here
+too: a connected player whose account is disabled, renamed or deleted is
+kicked; a deleted player's entity gets ``forget``.
 
 It is long because it is the one owner of everything the core knows of
 players (processes, sessions, accounts, their inputs and views), and each
@@ -25,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -41,7 +46,17 @@ from meshd.mesh.messages import WorldParams
 from meshd.mesh.plugins import INPUT_PREFIX, PluginSet
 from meshd.mesh.replication import Replication
 from meshd.mesh.supervisor import Supervisor, WorkerFailed
-from meshd.players.accounts import RESUME_KEY_BYTES, Account
+from meshd.players.accounts import (
+    RESUME_KEY_BYTES,
+    SALT_BYTES,
+    Account,
+    AccountError,
+    Registry,
+    SignupLimits,
+    address_key,
+    hash_secret,
+    scrypt_parameters,
+)
 from meshd.players.interest import watch_cells
 from meshd.players.journal import Journal
 from meshd.players.messages import (
@@ -58,11 +73,13 @@ from meshd.players.messages import (
     Lookup,
     Publish,
 )
+from meshd.players.names import BadName, canonical_name
 from meshd.players.ports import Reservation
-from meshd.players.protocol import Refused
+from meshd.players.protocol import MAX_SECRET, Refused
 from meshd.players.views import Publisher
-from meshd.plugin import GATEWAY, JOIN, LEAVE, WorldBuilder
-from meshd.store.schema import NO_ENTITY
+from meshd.plugin import FORGET, GATEWAY, JOIN, LEAVE, WorldBuilder
+from meshd.store.db import Store
+from meshd.store.schema import NO_ENTITY, StoreError
 
 MODULE = "meshd.players.gateway"
 GATEWAY_FRAME_CAP = 1 << 28
@@ -139,6 +156,33 @@ class GatewayLink:
         self.send(publish)
 
 
+class AccountStore:
+    """The accounts' writes to world.db, each in a thread under the lock every store call
+    takes; a write that fails raises :class:`AccountError` saying why."""
+
+    def __init__(self, store: Store, lock: trio.CapacityLimiter) -> None:
+        self.store = store
+        self.lock = lock
+
+    async def put(self, name: str, salt: bytes, digest: bytes, kdf: str) -> None:
+        await self._run(self.store.put_account, name, salt, digest, kdf)
+
+    async def rename(self, old: str, new: str) -> None:
+        await self._run(self.store.rename_account, old, new)
+
+    async def disable(self, name: str, disabled: bool) -> None:
+        await self._run(self.store.disable_account, name, disabled)
+
+    async def delete(self, name: str) -> None:
+        await self._run(self.store.delete_account, name)
+
+    async def _run(self, function: Callable[..., None], *args: Any) -> None:
+        try:
+            await trio.to_thread.run_sync(function, *args, limiter=self.lock)
+        except (KeyError, sqlite3.Error, StoreError, OSError) as exc:
+            raise AccountError(f"the database refused it: {exc}") from None
+
+
 @attrs.define(eq=False)
 class _Join:
     """A player waiting for the tick boundary that creates its entity."""
@@ -158,10 +202,10 @@ class Gateways:
         plugins: PluginSet,
         world: WorldParams,
         replication: Replication,
-        accounts: dict[str, Account],
+        accounts: Registry,
         supervisor: Supervisor,
         reservation: Reservation,
-        store_account: Callable[[str, bytes, bytes, str], Awaitable[None]],
+        store: AccountStore,
         journal: Journal | None = None,
     ) -> None:
         self.config = config.gateway
@@ -176,7 +220,12 @@ class Gateways:
         self.accounts = accounts
         self.supervisor = supervisor
         self.reservation = reservation
-        self._store_account = store_account
+        self.store = store
+        self.signups = SignupLimits(
+            self.config.signup_per_address,
+            self.config.signup_per_minute,
+            frozenset(address_key(address) for address in self.config.signup_trusted),
+        )
         self.journal = journal
         self.address = ""
         """The players' address, once the gateways accept players on it."""
@@ -364,12 +413,7 @@ class Gateways:
                 link.stats = message.stats
                 link.measure_cpu(time.monotonic())
         elif isinstance(message, Lookup):
-            account = self.accounts.get(message.name)
-            link.send(
-                AccountInfo(message.request, False)
-                if account is None
-                else AccountInfo(message.request, True, account.salt, account.digest, account.kdf)
-            )
+            link.send(self._account_info(message))
         elif isinstance(message, Enter):
             self._nursery.start_soon(self._enter, link, message)
         elif isinstance(message, Left):
@@ -380,6 +424,35 @@ class Gateways:
                 self._player_input(message.entity, LEAVE)
 
     # -- logins ------------------------------------------------------------
+
+    def _account_info(self, lookup: Lookup) -> AccountInfo:
+        """The account to check a secret against, or why the login is refused before that."""
+        account = self.accounts.get(lookup.name)
+        if account is None:
+            code, why = self._signup_refusal(lookup.name, lookup.address)
+            return AccountInfo(lookup.request, False, code=code, message=why)
+        if account.disabled:
+            return AccountInfo(
+                lookup.request, True, code="disabled", message=_disabled(lookup.name)
+            )
+        return AccountInfo(lookup.request, True, account.salt, account.digest, account.kdf)
+
+    def _signup_refusal(self, name: str, address: str) -> tuple[str, str]:
+        """``(code, message)`` refusing ``name`` as a new name from ``address``, or ``("", "")``."""
+        if self.config.signup == "closed":
+            return "closed", (
+                f"sign-ups are closed: only names an operator created log in, and {name!r} "
+                "is not one of them"
+            )
+        try:
+            problem = "" if canonical_name(name) == name else f"{name!r} is not canonical"
+        except BadName as exc:
+            problem = str(exc)
+        problem = problem or self.accounts.clash(name)
+        if problem:
+            return "bad_name", problem
+        limit = self.signups.refusal(address, trio.current_time())
+        return ("signup_limit", limit) if limit else ("", "")
 
     async def _enter(self, link: GatewayLink, enter: Enter) -> None:
         try:
@@ -421,14 +494,22 @@ class Gateways:
         self._claiming.add(name)
         try:
             account = self.accounts.get(name)
+            if account is not None and account.disabled:
+                raise Refused("disabled", _disabled(name))
             if enter.new and account is not None:
                 raise Refused("busy", f"the name {name!r} was claimed a moment ago")
             if not enter.new and account is None:
                 raise Refused("auth", f"no account {name!r}")
+            if enter.new:
+                code, why = self._signup_refusal(name, enter.address)
+                if code:
+                    raise Refused(code, why)
+                # Charged now, so that logins at once from one address cannot all pass.
+                self.signups.charge(enter.address, trio.current_time())
             if enter.store:
                 salt, digest, kdf = enter.store
                 try:
-                    await self._store_account(name, salt, digest, kdf)
+                    await self.store.put(name, salt, digest, kdf)
                 except Exception as exc:
                     self._log.error("cannot store a player's secret", name=name, error=str(exc))
                     if account is None:
@@ -437,7 +518,8 @@ class Gateways:
                         ) from None
                 else:
                     if account is None:
-                        account = self.accounts[name] = Account(salt, digest, NO_ENTITY, kdf)
+                        account = Account(salt, digest, NO_ENTITY, kdf)
+                        self.accounts.add(name, account)
                     else:
                         account.salt, account.digest, account.kdf = salt, digest, kdf
             assert account is not None
@@ -451,7 +533,9 @@ class Gateways:
                 raise Refused("server_error", join.error)
             account.entity = join.entity
             self.new_claims.append((name, join.entity))
-            self._log.info("new player entity", name=name, entity=join.entity)
+            self._log.info(
+                "new player entity", name=name, entity=join.entity, address=enter.address or None
+            )
             return join.entity
         finally:
             self._claiming.discard(name)
@@ -459,6 +543,121 @@ class Gateways:
     def _player_input(self, entity: int, action: str) -> None:
         if self.plugins.accepts(action):
             self._inputs.append([entity, action, {}, 0])
+
+    # -- operators' account commands (the admin socket checked who asks) ----
+
+    def accounts_view(self) -> list[dict[str, Any]]:
+        """Every account, for ``meshd accounts list``."""
+        records = self.replication.records
+        rows = []
+        for name, account in sorted(self.accounts.accounts.items()):
+            entity = account.entity if account.entity in records else None
+            rows.append(
+                {
+                    "name": name,
+                    "entity": entity,
+                    "online": entity is not None and entity in self.players,
+                    "disabled": account.disabled,
+                    "note": self.accounts.unreachable.get(name, ""),
+                }
+            )
+        return rows
+
+    async def create_account(self, raw: str, secret: str, peer: dict[str, int]) -> dict[str, Any]:
+        """A new account (its entity is made at its first login), whatever the sign-up policy."""
+        name = self.accounts.new_name(raw)
+        if not 1 <= len(secret) <= MAX_SECRET:
+            raise AccountError(f"a secret is 1-{MAX_SECRET} characters")
+        with self._holding(name):
+            kdf = scrypt_parameters(self.config.hash_cost)
+            salt = os.urandom(SALT_BYTES)
+            digest = await trio.to_thread.run_sync(hash_secret, secret, salt, kdf)
+            name = self.accounts.new_name(raw)  # still free after the hashing?
+            await self.store.put(name, salt, digest, kdf)
+            self.accounts.add(name, Account(salt, digest, NO_ENTITY, kdf))
+        self._log.warning("operator created an account", name=name, **peer)
+        return {"name": name}
+
+    async def rename_account(self, raw: str, raw_new: str, peer: dict[str, int]) -> dict[str, Any]:
+        """Give an account another name; its entity stays, its connected player is kicked."""
+        old = self.accounts.find(raw)
+        new = self.accounts.new_name(raw_new, keeping=old)
+        if new == old:
+            raise AccountError(f"the account is called {old!r} already")
+        with self._holding(old), self._holding(new):
+            await self.store.rename(old, new)
+        account = self.accounts.rename(old, new)
+        # The link to its entity is written under the new name with the next tick (a link
+        # under the old name still on its way to the database then matches nothing).
+        self.new_claims = [(new if name == old else name, e) for name, e in self.new_claims]
+        if account.entity != NO_ENTITY:
+            self.new_claims.append((new, account.entity))
+        kicked = self._end_session(
+            account.entity, "renamed", f"an operator renamed your account to {new!r}"
+        )
+        self._log.warning(
+            "operator renamed an account", name=new, was=old, entity=account.entity, **peer
+        )
+        return {"name": new, "was": old, "entity": self._entity_of(account), "kicked": kicked}
+
+    async def disable_account(
+        self, raw: str, disabled: bool, peer: dict[str, int]
+    ) -> dict[str, Any]:
+        """Disable (its connected player is kicked) or enable an account again."""
+        name = self.accounts.find(raw)
+        account = self.accounts.accounts[name]
+        with self._holding(name):
+            await self.store.disable(name, disabled)
+        account.disabled = disabled
+        kicked = disabled and self._end_session(account.entity, "disabled", _disabled(name))
+        self._log.warning(
+            "operator disabled an account" if disabled else "operator enabled an account",
+            name=name,
+            **peer,
+        )
+        return {"name": name, "disabled": disabled, "kicked": kicked}
+
+    async def delete_account(self, raw: str, peer: dict[str, int]) -> dict[str, Any]:
+        """Delete an account: its player is kicked, its entity gets ``leave`` then ``forget``
+        (the plugin decides what becomes of it; without a handler it is despawned), and the
+        name is free again."""
+        name = self.accounts.find(raw)
+        with self._holding(name):
+            await self.store.delete(name)
+        account = self.accounts.remove(name)
+        self.new_claims = [(n, entity) for n, entity in self.new_claims if n != name]
+        kicked = self._end_session(account.entity, "deleted", "an operator deleted your account")
+        entity = self._entity_of(account)
+        if entity is not None:
+            self._player_input(entity, FORGET)
+        self._log.warning("operator deleted an account", name=name, entity=entity, **peer)
+        return {"name": name, "entity": entity, "kicked": kicked}
+
+    @contextlib.contextmanager
+    def _holding(self, name: str) -> Iterator[None]:
+        """Keep logins off ``name`` while an operator changes it (refused if one is under way)."""
+        if name in self._claiming:
+            raise AccountError(f"a login of {name!r} is under way; try again")
+        self._claiming.add(name)
+        try:
+            yield
+        finally:
+            self._claiming.discard(name)
+
+    def _entity_of(self, account: Account) -> int | None:
+        return account.entity if account.entity in self.replication.records else None
+
+    def _end_session(self, entity: int, code: str, message: str) -> bool:
+        """Kick the player of ``entity`` (it gets ``leave``); whether one was connected."""
+        where = self.players.pop(entity, None)
+        if where is None:
+            return False
+        link = self.links.get(where[0])
+        if link is not None:
+            link.sessions.pop(entity, None)
+            link.send(Kick(entity, where[1], code, message))
+        self._player_input(entity, LEAVE)
+        return True
 
     # -- the tick loop's side ---------------------------------------------
 
@@ -645,6 +844,10 @@ class Gateways:
                 }
             )
         return rows
+
+
+def _disabled(name: str) -> str:
+    return f"the account {name!r} is disabled by an operator"
 
 
 def _default_processes() -> int:

@@ -7,10 +7,13 @@ spreads connections over the gateways, and players see one address) and
 owns the players it accepts:
 
 - **logins**: the ``Login`` within ``gateway.login_timeout`` (on a TLS port,
-  the TLS handshake first, within the same deadline); a valid resume
-  token skips the secret, otherwise the core gives the account (``Lookup``)
-  and the secret is hashed here, in a thread; the core gives the entity
-  (``Enter``);
+  the TLS handshake first, within the same deadline), from a connection its
+  :class:`~meshd.players.door.Door` admitted; its name in canonical form
+  (:mod:`meshd.players.names`: NFKC, trimmed, one script) or refused; a
+  valid resume token skips the secret, otherwise the core gives the account
+  (``Lookup``, or why the login is refused: sign-ups closed or limited, the
+  account disabled) and the secret is hashed here, in a pool of threads;
+  the core gives the entity (``Enter``);
 - **inputs**: when a tick's :class:`~meshd.players.messages.Publish`
   arrives, one ``epoll`` poll finds the players that sent something and
   only those are read (token bucket, inputs checked, pings answered); what
@@ -81,6 +84,7 @@ from meshd.players.messages import (
     Lookup,
     Publish,
 )
+from meshd.players.names import BadName, canonical_name
 from meshd.players.ports import open_listeners
 from meshd.players.protocol import (
     MAX_LOGIN_FRAME,
@@ -101,7 +105,7 @@ from meshd.players.protocol import (
 )
 from meshd.players.tls import NotTls, TlsLayer, TlsReceiver, handshake, server_context
 from meshd.players.views import Mirror
-from meshd.plugin import JOIN, LEAVE, Arg, check_input
+from meshd.plugin import FORGET, JOIN, LEAVE, Arg, check_input
 
 SEND_BUFFER = 256 << 10
 RECEIVE_PER_TICK = 64 << 10
@@ -194,10 +198,11 @@ class Client:
 
 @attrs.define
 class _Visit:
-    """One connection's standing at the :class:`Door`: its address group, and whether it
-    was admitted as a player."""
+    """One connection's standing at the :class:`Door`: its address and address group, and
+    whether it was admitted as a player."""
 
     group: str
+    address: str
     admitted: bool = False
 
 
@@ -286,7 +291,7 @@ class Gateway:
 
     def _adopt(self, actions: Actions) -> None:
         """What players may send: at start, and when the plugins' code changed."""
-        self.actions = set(actions.actions) - {JOIN, LEAVE}
+        self.actions = set(actions.actions) - {JOIN, LEAVE, FORGET}
         self.shapes, self.players = actions.shapes, actions.players
 
     async def _ask(self, request: Lookup | Enter) -> Any:
@@ -489,7 +494,8 @@ class Gateway:
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Bounded kernel buffers too: a reader that stalls is noticed within a second or two.
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        visit = _Visit(self.door.group(stream.socket.getpeername()[0]))
+        address = _peer_address(stream)
+        visit = _Visit(self.door.group(address), address)
         async with stream:
             refused = self.door.arrive(visit.group)
             if refused is not None:
@@ -523,8 +529,12 @@ class Gateway:
                     raise Refused("login_first", "the first message must be a login")
                 if login.version != PROTOCOL_VERSION:
                     raise Refused("version", f"this server speaks protocol {PROTOCOL_VERSION}")
-                proof = await self._prove(login, visit.group)
-            entity = await self._enter(login.name, session, proof, visit)
+                try:
+                    name = canonical_name(login.name)
+                except BadName as exc:
+                    raise Refused("bad_name", str(exc)) from None
+                proof = await self._prove(login, name, visit)
+            entity = await self._enter(name, session, proof, visit)
         except trio.TooSlowError:
             await self._refuse(stream, tls, "login_timeout", "no login in time")
             return
@@ -546,7 +556,7 @@ class Gateway:
         except EOFError:
             return
         decoder.max_frame = MAX_PLAYING_FRAME
-        await self._play(stream, decoder, login.name, entity, session, tls)
+        await self._play(stream, decoder, name, entity, session, tls)
 
     async def _refuse(
         self, stream: trio.SocketStream, tls: TlsLayer | None, code: str, message: str
@@ -561,8 +571,9 @@ class Gateway:
             with trio.move_on_after(1.0):
                 await stream.send_all(data)
 
-    async def _prove(self, login: Login, group: str) -> _Proof:
-        """Check ``login`` (its resume token, else its secret) before it may enter.
+    async def _prove(self, login: Login, name: str, visit: _Visit) -> _Proof:
+        """Check ``login`` of canonical ``name`` (its resume token, else its secret) before
+        it may enter.
 
         A good login with out-of-date hashing parameters gives the core the
         secret hashed again with the configured ones; a new name's secret
@@ -570,14 +581,16 @@ class Gateway:
         """
         if not self.players:
             raise Refused("no_players", "no loaded plugin defines player entities")
-        name, kdf = login.name, scrypt_parameters(self.config.hash_cost)
+        group, kdf = visit.group, scrypt_parameters(self.config.hash_cost)
         if login.resume and resumed_entity(self.init.resume_key, name, login.resume) is not None:
             return _Proof(new=False, store=[])
         refused = self.door.may_try(group, name, time.monotonic())
         if refused is not None:
             raise refused
-        account = await self._ask(Lookup(next(self._request_ids), name))
+        account = await self._ask(Lookup(next(self._request_ids), name, visit.address))
         assert isinstance(account, AccountInfo)
+        if account.code:
+            raise Refused(account.code, account.message)
         if not account.found:
             if len(login.secret) < self.config.min_secret:
                 raise Refused(
@@ -611,7 +624,7 @@ class Gateway:
             raise refused
         visit.admitted = True
         entered = await self._ask(
-            Enter(next(self._request_ids), name, session, proof.new, proof.store)
+            Enter(next(self._request_ids), name, session, proof.new, proof.store, visit.address)
         )
         assert isinstance(entered, Entered)
         if entered.code:
@@ -738,6 +751,14 @@ class Gateway:
         finally:
             client.closed = True
             done.cancel()
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    """The client's IP address ("" if the socket cannot say)."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return ""
 
 
 async def _main(socket_path: str, slot: int, epoch: int, token: str) -> int:

@@ -4,10 +4,13 @@ A gateway starts like a worker (``Hello`` with ``role="gateway"`` and its
 one-time token), gets :class:`GatewayInit` and answers :class:`GatewayReady`.
 Then, in any order:
 
-- logins: ``Lookup`` -> ``AccountInfo`` (the gateway hashes the secret
-  itself), ``Enter`` -> ``Entered`` (the core stores a new name, finds or
-  makes the player's entity, and ``Kick``\\ s an older session of it);
-  ``Left`` when a session ends;
+- logins, with the name in its canonical form (:mod:`meshd.players.names`):
+  ``Lookup`` -> ``AccountInfo`` (the gateway hashes the secret itself; a
+  name the sign-up policy refuses, or a disabled account, is refused
+  there, before any hashing), ``Enter`` -> ``Entered`` (the core stores a
+  new name, finds or makes the player's entity, and ``Kick``\\ s an older
+  session of it); ``Left`` when a session ends; ``Kick`` also when an
+  operator disables, renames or deletes a connected player's account;
 - every tick: the core sends ``Publish`` (the watched records that changed
   for this gateway, which input batches the tick took, failed inputs), and
   the gateway answers with one ``Inputs`` batch (what its players sent
@@ -62,17 +65,22 @@ class Lookup:
 
     request: int
     name: str
+    address: str = ""
+    """The client's address (sign-ups are limited per address)."""
 
 
 @attrs.define
 class AccountInfo:
-    """Core -> gateway: ``found`` False for a name nobody has claimed."""
+    """Core -> gateway: ``found`` False for a name nobody has claimed; ``code`` not empty
+    for a login refused before its secret is hashed (``Error(code, message)``)."""
 
     request: int
     found: bool
     salt: bytes = b""
     digest: bytes = b""
     kdf: str = ""
+    code: str = ""
+    message: str = ""
 
 
 @attrs.define
@@ -89,6 +97,7 @@ class Enter:
     session: int
     new: bool
     store: Bulk = attrs.field(factory=list)
+    address: str = ""
 
 
 @attrs.define

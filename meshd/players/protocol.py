@@ -34,7 +34,8 @@ MAX_LOGIN_FRAME = 2048
 MAX_PLAYING_FRAME = 4096
 """...and any later client frame (an ``Input`` or a ``Ping``): anything larger closes the
 connection, refused by its length before its body is read."""
-MAX_NAME = 32
+MAX_NAME = 64
+"""Characters a ``Login`` name may carry; what a name may be is :mod:`meshd.players.names`'s."""
 MAX_SECRET = 128
 MAX_RESUME = 128
 MAX_INPUT = 1024
@@ -235,8 +236,8 @@ def decode_client(body: bytes) -> Login | Input | Ping:
     if isinstance(message, Input):
         return _checked_input(body, message)
     if isinstance(message, Login):
-        if not 1 <= len(message.name) <= MAX_NAME or not message.name.isprintable():
-            raise ProtocolError(f"name must be 1-{MAX_NAME} printable characters")
+        if not 1 <= len(message.name) <= MAX_NAME:
+            raise ProtocolError(f"name must be 1-{MAX_NAME} characters")
         if not 1 <= len(message.secret) <= MAX_SECRET:
             raise ProtocolError(f"secret must be 1-{MAX_SECRET} characters")
         if len(message.resume) > MAX_RESUME:

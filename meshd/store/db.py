@@ -87,13 +87,20 @@ class Store:
             "SELECT id, kind, x, y, z, state FROM entity WHERE id = ?", (entity_id,)
         ).fetchone()
 
-    def players(self) -> list[tuple[str, bytes, bytes, int, str]]:
-        """Every claimed player name: (name, salt, secret hash, entity id, hashing parameters)."""
+    def players(self) -> list[tuple[str, bytes, bytes, int, str, bool]]:
+        """Every claimed player name: (name, salt, secret hash, entity id, hashing
+        parameters, disabled)."""
         found = columns(self.db, "player")
         if not found:  # version 0 opened read-only: from before players existed
             return []
         kdf = "kdf" if "kdf" in found else "''"
-        return list(self.db.execute(f"SELECT name, salt, hash, entity, {kdf} FROM player"))
+        disabled = "disabled" if "disabled" in found else "0"
+        return [
+            (name, salt, digest, entity, kdf_text, bool(off))
+            for name, salt, digest, entity, kdf_text, off in self.db.execute(
+                f"SELECT name, salt, hash, entity, {kdf}, {disabled} FROM player ORDER BY name"
+            )
+        ]
 
     def load_world(self, codecs: Mapping[str, StateCodec]) -> WorldSnapshot | None:
         """The stored world as of its last tick (None if nothing was written yet).
@@ -141,10 +148,29 @@ class Store:
         """
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO player VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                "INSERT INTO player (name, salt, hash, entity, kdf) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE "
                 "SET salt = excluded.salt, hash = excluded.hash, kdf = excluded.kdf",
                 (name, salt, digest, NO_ENTITY, kdf),
             )
+
+    def rename_account(self, old: str, new: str) -> None:
+        """Give account ``old`` the name ``new`` (its entity and secret stay)."""
+        self._change_account("UPDATE player SET name = ? WHERE name = ?", (new, old), old)
+
+    def disable_account(self, name: str, disabled: bool) -> None:
+        self._change_account(
+            "UPDATE player SET disabled = ? WHERE name = ?", (int(disabled), name), name
+        )
+
+    def delete_account(self, name: str) -> None:
+        self._change_account("DELETE FROM player WHERE name = ?", (name,), name)
+
+    def _change_account(self, sql: str, values: tuple[Any, ...], name: str) -> None:
+        """One statement on one account in its own transaction; ``KeyError`` if there is none."""
+        with self._transaction() as db:
+            if db.execute(sql, values).rowcount != 1:
+                raise KeyError(f"no account {name!r} in {self.path}")
 
     def write(self, delta: Delta, schema: Mapping[str, Sequence[str]]) -> None:
         """Write one whole tick in one transaction (all or nothing)."""

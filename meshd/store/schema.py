@@ -8,10 +8,11 @@ Tables:
 - ``meta(key, value)``: CBOR values under ``format`` (the row encoding, 1),
   ``tick``, ``seed``, ``next_id``, ``events`` (pending events for ``tick + 1``)
   and ``quarantined`` (frozen entity ids);
-- ``player(name, salt, hash, entity, kdf)``: accounts; ``kdf`` names the
-  hashing parameters (``"scrypt:N:r:p"``; ``''``: the configured
+- ``player(name, salt, hash, entity, kdf, disabled)``: accounts; ``kdf``
+  names the hashing parameters (``"scrypt:N:r:p"``; ``''``: the configured
   ``gateway.hash_cost``), ``entity`` is :data:`NO_ENTITY` until the player's
-  entity is written with a tick.
+  entity is written with a tick, ``disabled`` 1 for an account an operator
+  disabled.
 
 ``PRAGMA user_version`` holds the schema version. A database written before
 versions were kept reads as version 0. Each migration is a function from one
@@ -27,7 +28,7 @@ import cbor2
 
 FORMAT = 1
 """How entity rows and meta values are encoded (``meta.format``)."""
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NO_ENTITY = 0
 """``player.entity`` of a name claimed before its entity reached the database."""
 
@@ -46,7 +47,8 @@ CREATE TABLE player (
     salt BLOB NOT NULL,
     hash BLOB NOT NULL,
     entity INTEGER NOT NULL,
-    kdf TEXT NOT NULL DEFAULT ''
+    kdf TEXT NOT NULL DEFAULT '',
+    disabled INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -76,7 +78,13 @@ def _to_1(db: sqlite3.Connection) -> None:
         db.execute("INSERT OR IGNORE INTO meta VALUES ('quarantined', ?)", (cbor2.dumps([]),))
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_1}
+def _to_2(db: sqlite3.Connection) -> None:
+    """Version 1 -> 2: an operator may disable an account (``meshd accounts disable``)."""
+    if "disabled" not in columns(db, "player"):
+        db.execute("ALTER TABLE player ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_1, 1: _to_2}
 """From version N to N + 1."""
 
 

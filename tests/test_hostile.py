@@ -30,6 +30,7 @@ from meshd.players.protocol import (
     encode_frame,
 )
 
+FULLWIDTH_VICTIM = "\uff56\uff49\uff43\uff54\uff49\uff4d"
 LIMITS = {
     # The defaults, written out: what this suite holds the server to.
     "max_pending_per_address": 8,
@@ -143,6 +144,8 @@ def test_hostile_players_get_their_documented_outcome_and_the_bystander_sees_eve
             found["big inputs"] = await _big_inputs(host, port)
             found["wrong secrets"] = await _wrong_secrets(host, port)
             found["idle flood"] = await _idle_flood(host, port)
+            found["new names"] = await _new_names(host, port)
+            found["look-alikes"] = await _look_alikes(host, port)
             await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
         return ticks
@@ -163,6 +166,16 @@ def test_hostile_players_get_their_documented_outcome_and_the_bystander_sees_eve
     assert sum(wrong["codes"].count(code) for code in refused) > 100
     idle = found["idle flood"]
     assert idle["refused"] >= 1990 and idle["welcomed"]
+    # 200 new names from one address as fast as it can: three a minute are taken.
+    assert found["new names"].count("welcomed") == 3
+    assert found["new names"].count("signup_limit") == 197
+    # Another player posing as the victim, or as the bystander: refused, or the same name.
+    assert found["look-alikes"] == {
+        "v\u0456ctim": "bad_name",  # a Cyrillic i (U+0456) among Latin letters
+        FULLWIDTH_VICTIM: "auth",  # NFKC makes it "victim", whose secret it lacks
+        " bystander ": "auth",  # trimmed, the same
+        "victim\u200b": "bad_name",  # an invisible character
+    }
     assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), "the bystander missed ticks"
 
 
@@ -252,6 +265,30 @@ async def _idle_flood(host: str, port: int) -> dict[str, Any]:
     finally:
         for stream in streams:
             await stream.aclose()
+
+
+async def _outcome(local: str, host: str, port: int, name: str, secret: str) -> str:
+    """What a login gets: "welcomed", or the code of the error that refused it."""
+    async with await trio.open_tcp_stream(host, port, local_address=local) as stream:
+        await stream.send_all(encode_frame(Login(PROTOCOL_VERSION, name, secret)))
+        decoder = FrameDecoder(1 << 20)
+        with trio.fail_after(10):
+            while (body := next(decoder.frames(), None)) is None:
+                decoder.feed(await stream.receive_some(1 << 16))
+        message = decode_server(body)
+        return "welcomed" if isinstance(message, Welcome) else message.code
+
+
+async def _new_names(host: str, port: int) -> list[str]:
+    return [
+        await _outcome("127.0.0.7", host, port, f"squatter{index}", "squatter-secret")
+        for index in range(200)
+    ]
+
+
+async def _look_alikes(host: str, port: int) -> dict[str, str]:
+    names = ["v\u0456ctim", FULLWIDTH_VICTIM, " bystander ", "victim\u200b"]
+    return {name: await _outcome("127.0.0.8", host, port, name, "posing-secret") for name in names}
 
 
 def _core_rss(config: Path) -> float:

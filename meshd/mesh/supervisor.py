@@ -5,6 +5,10 @@ Ctrl-C aimed at the core does not hit it, and stopping kills the whole
 group). It connects back to a Unix socket in a private 0700 runtime folder
 and must present the one-time token it was started with before it gets
 anything.
+
+It is long because it owns a worker process's whole life in one place:
+start and authentication, warm spares, replacement within a restart budget,
+a new generation for ``meshd reload``, and stopping.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class Supervisor:
         self.spares: list[WorkerLink] = []
         self._spares_started = 0
         self._refilling = False
+        self._stopping = False
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.stale_frames = 0
@@ -182,6 +187,8 @@ class Supervisor:
                 try:
                     self.spares.append(await self._spawn(-self._spares_started, 1))
                 except WorkerFailed as failure:
+                    if self._stopping:
+                        return  # stop_all killed it while it started
                     # (A plugin file broken on disk, say.) Running slots are not hurt: keep
                     # trying, and say so, without taking the daemon down.
                     self._log.warning(
@@ -392,6 +399,7 @@ class Supervisor:
     async def stop_all(self, grace: float = 2.0) -> None:
         """Close every link (workers exit on EOF), then kill what is left, and any
         process still starting."""
+        self._stopping = True
         for process in self._starting:
             self.kill(process)
         everyone = [*self.links.values(), *self.spares]

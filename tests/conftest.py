@@ -97,12 +97,14 @@ def run_world(
     return stored_world(config, with_hash=True)
 
 
-def start_daemon(config: Path, *extra: str) -> subprocess.Popen[str]:
+def start_daemon(config: Path, *extra: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """``meshd serve`` on ``config`` in the background; its log in ``stderr``, or in the file
+    ``log`` (to read while it runs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")}
     return subprocess.Popen(
         [sys.executable, "-m", "meshd", "serve", "--config", str(config), *extra],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.PIPE if log is None else log.open("w"),
         text=True,
         env=env,
     )

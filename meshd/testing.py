@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 
-from meshd.common.wire import CONVERTER
+from meshd.common.wire import CONVERTER, compact_args
 from meshd.mesh.inprocess import InProcessMesh, new_world, records_digest
 from meshd.mesh.layout import Layout
 from meshd.mesh.messages import WorldParams
@@ -166,7 +166,7 @@ class World:
         shape = self.plugins.input_shapes.get(action)
         if shape is not None:
             args = check_input(shape, args)
-        self._inputs.append([entity, action, args])
+        self._inputs.append([entity, action, compact_args(args)])  # as a gateway sends it
 
     def step(self, ticks: int = 1) -> None:
         """Run ``ticks`` ticks; the queued inputs go into the first."""

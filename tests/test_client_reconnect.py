@@ -10,6 +10,7 @@ integers and simple values in the state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import struct
@@ -263,7 +264,9 @@ class FakeGateway:
         how = self.drop(session)
         if how == "reset":  # as when the gateway process is killed
             linger = struct.pack("ii", 1, 0)
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            # (The reader may have closed it already, when the bot's side ended first.)
+            with contextlib.suppress(OSError):
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             await trio.aclose_forcefully(stream)
             return True
         if how == "replaced":

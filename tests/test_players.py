@@ -30,8 +30,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshd import client
-from meshd.common.wire import decode_message, encode_message, frame
+from meshd.common.wire import compact_args, decode_message, encode_message, frame
 from meshd.mesh.messages import Step
+from meshd.mesh.step import group_events
 from meshd.players.protocol import (
     CLIENT_MESSAGES,
     MAX_ARGS_DEPTH,
@@ -118,8 +119,9 @@ def test_arguments_the_gateway_accepts_always_decode_in_a_worker(args) -> None:
         )
     except ProtocolError:
         return
-    step = Step(tick=1, epoch=1, events=[[5, 0, 0, "input:move", message.args]])
-    assert decode_message(encode_message(step), (Step,)).events[0][4] == args
+    step = Step(tick=1, epoch=1, events=[[5, 0, 0, "input:move", compact_args(message.args)]])
+    (event,) = group_events(decode_message(encode_message(step), (Step,)).events)[0][5]
+    assert event.data == args  # as the handler gets them
 
 
 def test_the_deepest_arguments_accepted_fit_in_a_step() -> None:
@@ -127,8 +129,9 @@ def test_the_deepest_arguments_accepted_fit_in_a_step() -> None:
     for _ in range(MAX_ARGS_DEPTH - 2):
         deepest = [deepest]
     message = decode_client(encode_frame(Input(seq=1, action="a", args={"x": deepest}))[4:])
-    step = Step(tick=1, epoch=1, events=[[5, 0, 0, "input:a", message.args]])
-    assert decode_message(encode_message(step), (Step,)).events[0][4] == {"x": deepest}
+    step = Step(tick=1, epoch=1, events=[[5, 0, 0, "input:a", compact_args(message.args)]])
+    (event,) = group_events(decode_message(encode_message(step), (Step,)).events)[0][5]
+    assert event.data == {"x": deepest}
     with pytest.raises(ProtocolError, match="deeper than 8"):
         decode_client(encode_frame(Input(seq=1, action="a", args={"x": [deepest]}))[4:])
 

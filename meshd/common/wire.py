@@ -161,6 +161,20 @@ def decode_cbor(body: bytes) -> Any:
     return value
 
 
+def compact_args(args: dict[str, Any]) -> bytes:
+    """A player input's checked arguments as CBOR: the form the core queues, logs and stores
+    them in until a worker runs the input (a map of Python objects takes several times the
+    memory). :func:`input_args` gives them back."""
+    return cbor2.dumps(args)
+
+
+def input_args(data: Any) -> Any:
+    """A player input's arguments as its handler gets them: from :func:`compact_args`'s bytes
+    (strictly decoded), or as they are (a map: the core's own inputs, and worlds stored
+    before inputs were compact)."""
+    return decode_cbor(data) if type(data) is bytes else data
+
+
 def encode_message(message: Any) -> bytes:
     """Encode an attrs message as a frame body."""
     body = CONVERTER.unstructure(message)

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from meshd.common.wire import check_wire_value
+from meshd.common.wire import check_wire_value, input_args
 from meshd.mesh.layout import Layout, cell_of
 from meshd.mesh.messages import Reply, Restore, Step, WorldParams
 from meshd.mesh.plugins import KindCodec, PluginSet
@@ -247,7 +247,10 @@ def group_events(
     grouped, inputs = {}, {}
     for target, items in inbox.items():
         items.sort()
-        grouped[target] = [Event(sender, name, data) for sender, _seq, name, data in items]
+        grouped[target] = [
+            Event(sender, name, input_args(data) if sender == GATEWAY else data)
+            for sender, _seq, name, data in items
+        ]
         seqs = [seq for sender, seq, _name, _data in items if sender == GATEWAY]
         if seqs:
             inputs[target] = seqs

@@ -58,7 +58,14 @@ import trio
 
 from meshd.common.links import receive_frame
 from meshd.common.log import configure, get_logger
-from meshd.common.wire import FrameDecoder, WireError, decode_message, encode_message, frame
+from meshd.common.wire import (
+    FrameDecoder,
+    WireError,
+    compact_args,
+    decode_message,
+    encode_message,
+    frame,
+)
 from meshd.mesh.messages import Hello
 from meshd.mesh.step import collect_between_ticks
 from meshd.mesh.worker import TOKEN_ENV
@@ -406,7 +413,9 @@ class Gateway:
                     args = self._checked_args(client, message)
                     if args is None:
                         continue
-                    self.inputs.append([client.entity, message.action, args, message.seq])
+                    self.inputs.append(
+                        [client.entity, message.action, compact_args(args), message.seq]
+                    )
                     last_seq = message.seq or last_seq
                 elif isinstance(message, Ping):
                     client.offer(encode_frame(Pong(message.id, self.mirror.tick)))
